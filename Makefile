@@ -1,0 +1,33 @@
+# playrec: two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= $(or $(PLAYREC_DATA),../shared/data)
+
+.PHONY: venv test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(VENV)/bin/playrec demo --data $(DATA)
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) benchmarks/als_vs_implicit.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

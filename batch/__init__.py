@@ -1,0 +1,1 @@
+"""Batch layer: play counts, implicit ALS, fold-in, evaluation and the model store."""

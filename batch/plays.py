@@ -1,0 +1,240 @@
+"""Play counts: reading `user,track,plays[,timestamp]` files and turning raw play events into counts.
+
+A `PlayCounts` holds the users x tracks matrix of stream counts (CSR, float32) and the id arrays whose
+positions are its rows and columns. Ids are kept exactly as written in the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+#: A play counts as a stream when at least this many milliseconds were played (DESIGN.md section 1).
+MIN_MS_PLAYED = 30_000
+
+
+class PlaysFileError(ValueError):
+    """A play-counts file cannot be read; the message names the file and line."""
+
+
+@dataclass
+class ReadSummary:
+    """What reading a play-counts file did, so that nothing is dropped silently."""
+
+    lines: int = 0
+    header: str | None = None
+    blank_lines: int = 0
+    rows: int = 0
+    duplicate_rows_summed: int = 0
+    zero_play_rows: int = 0
+    has_timestamps: bool = False
+
+    def describe(self) -> str:
+        """One human-readable line."""
+        parts = [f"{self.rows:,} rows"]
+        if self.header is not None:
+            parts.append(f"header {self.header!r} skipped")
+        if self.duplicate_rows_summed:
+            parts.append(f"{self.duplicate_rows_summed:,} duplicate (user, track) rows summed")
+        if self.zero_play_rows:
+            parts.append(f"{self.zero_play_rows:,} rows with 0 plays (ids kept, no preference)")
+        if self.blank_lines:
+            parts.append(f"{self.blank_lines:,} blank lines")
+        return ", ".join(parts)
+
+
+@dataclass
+class PlayCounts:
+    """Stream counts per (user, track).
+
+    matrix: CSR (n_users, n_tracks) float32, entry = number of streams (> 0 stored only).
+    user_ids / item_ids: unicode arrays, position = row / column of `matrix`.
+    last_played: optional CSR aligned with `matrix` holding the latest timestamp (any unit) per entry,
+    used for time-based evaluation splits.
+    """
+
+    matrix: sp.csr_matrix
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    last_played: sp.csr_matrix | None = None
+    summary: ReadSummary = field(default_factory=ReadSummary)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _detect_delimiter(line: str) -> str:
+    if "\t" in line:
+        return "\t"
+    if "," in line:
+        return ","
+    if ";" in line:
+        return ";"
+    raise PlaysFileError("cannot tell the delimiter: expected tab-, comma- or semicolon-separated columns")
+
+
+def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
+    """Read a CSV/TSV file of `user, track, plays[, timestamp]` rows into `PlayCounts`.
+
+    A header line is recognised when its plays column is not a number. Duplicate (user, track) rows
+    are summed (timestamps: the latest wins). Rows with 0 plays keep their user and track ids but add
+    no preference. With `binarize`, every row counts as one stream (e.g. MovieLens ratings as plays).
+    Raises `PlaysFileError` naming the line for anything else: wrong column count, empty ids,
+    non-numeric, negative or non-finite plays, bad timestamps, an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PlaysFileError(f"{path}: no such file")
+    summary = ReadSummary()
+    user_index: dict[str, int] = {}
+    item_index: dict[str, int] = {}
+    rows: list[int] = []
+    cols: list[int] = []
+    plays: list[float] = []
+    stamps: list[float] = []
+    delimiter: str | None = None
+    n_columns = 0
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            summary.lines = lineno
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                summary.blank_lines += 1
+                continue
+            if delimiter is None:
+                try:
+                    delimiter = _detect_delimiter(line)
+                except PlaysFileError as exc:
+                    raise PlaysFileError(f"{path}:{lineno}: {exc}") from None
+                n_columns = len(line.split(delimiter))
+                if n_columns not in (3, 4):
+                    raise PlaysFileError(
+                        f"{path}:{lineno}: expected 3 columns (user, track, plays) or 4 (plus timestamp), "
+                        f"found {n_columns}"
+                    )
+                summary.has_timestamps = n_columns == 4
+                first = line.split(delimiter)
+                if not _is_number(first[2].strip()):
+                    summary.header = line
+                    log.info("%s:%d: treating %r as a header line", path, lineno, line)
+                    continue
+            fields = line.split(delimiter)
+            if len(fields) != n_columns:
+                raise PlaysFileError(
+                    f"{path}:{lineno}: expected {n_columns} columns, found {len(fields)}: {line[:200]!r}"
+                )
+            user, track = fields[0].strip(), fields[1].strip()
+            if not user or not track:
+                raise PlaysFileError(f"{path}:{lineno}: empty user or track id: {line[:200]!r}")
+            text = fields[2].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                raise PlaysFileError(f"{path}:{lineno}: plays {text!r} is not a number") from None
+            if not math.isfinite(value) or value < 0:
+                raise PlaysFileError(f"{path}:{lineno}: plays must be a finite number >= 0, got {text!r}")
+            if n_columns == 4:
+                ts_text = fields[3].strip()
+                try:
+                    stamp = float(ts_text)
+                except ValueError:
+                    raise PlaysFileError(f"{path}:{lineno}: timestamp {ts_text!r} is not a number") from None
+                if not math.isfinite(stamp):
+                    raise PlaysFileError(f"{path}:{lineno}: timestamp {ts_text!r} is not finite")
+                stamps.append(stamp)
+            u = user_index.setdefault(user, len(user_index))
+            i = item_index.setdefault(track, len(item_index))
+            rows.append(u)
+            cols.append(i)
+            plays.append(1.0 if binarize else value)
+    if not rows:
+        raise PlaysFileError(f"{path}: no play rows found (file is empty or holds only a header)")
+    summary.rows = len(rows)
+    return _assemble(
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(cols, dtype=np.int64),
+        np.asarray(plays, dtype=np.float64),
+        np.asarray(stamps, dtype=np.float64) if stamps else None,
+        np.array(list(user_index), dtype=str),
+        np.array(list(item_index), dtype=str),
+        summary,
+    )
+
+
+def _assemble(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    stamps: np.ndarray | None,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    summary: ReadSummary,
+) -> PlayCounts:
+    """Build the CSR matrices, summing duplicate (row, col) pairs and dropping explicit zeros."""
+    shape = (len(user_ids), len(item_ids))
+    order = np.lexsort((cols, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    summary.duplicate_rows_summed = int(len(rows) - first.sum())
+    starts = np.flatnonzero(first)
+    summed = np.add.reduceat(values, starts)
+    urows, ucols = rows[starts], cols[starts]
+    keep = summed > 0
+    summary.zero_play_rows = int((~keep).sum())
+    matrix = sp.csr_matrix((summed[keep].astype(np.float32), (urows[keep], ucols[keep])), shape=shape, dtype=np.float32)
+    last = None
+    if stamps is not None:
+        latest = np.maximum.reduceat(stamps[order], starts)
+        last = sp.csr_matrix((latest[keep], (urows[keep], ucols[keep])), shape=shape, dtype=np.float64)
+    matrix.sort_indices()
+    return PlayCounts(matrix=matrix, user_ids=user_ids, item_ids=item_ids, last_played=last, summary=summary)
+
+
+def counts_from_events(events: Iterable[tuple[str, str, int]], min_ms_played: int = MIN_MS_PLAYED) -> PlayCounts:
+    """Count streams from raw `(user, track, ms_played)` events.
+
+    An event is a stream when `ms_played >= min_ms_played` (DESIGN.md: 30 s by default). Users and
+    tracks seen only in shorter plays keep their ids with no preference.
+    """
+    user_index: dict[str, int] = {}
+    item_index: dict[str, int] = {}
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    summary = ReadSummary()
+    for user, track, ms_played in events:
+        rows.append(user_index.setdefault(user, len(user_index)))
+        cols.append(item_index.setdefault(track, len(item_index)))
+        values.append(1.0 if ms_played >= min_ms_played else 0.0)
+    summary.rows = len(rows)
+    return _assemble(
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(cols, dtype=np.int64),
+        np.asarray(values, dtype=np.float64),
+        None,
+        np.array(list(user_index), dtype=str),
+        np.array(list(item_index), dtype=str),
+        summary,
+    )

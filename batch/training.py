@@ -1,0 +1,128 @@
+"""The batch job: play counts -> evaluated ALS model -> published model version.
+
+With a holdout fraction > 0 the job first trains on the per-user training split and evaluates
+(the model and a popularity baseline) on the held-out plays, then trains the published model on all
+plays with the same parameters and seed, so no user's data is left out of what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batch.als import AlsParams, AlsResult, train_als
+from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking_metrics
+from batch.model_store import ModelStore
+from batch.plays import PlayCounts
+
+log = logging.getLogger(__name__)
+
+#: Users sampled for evaluation on very large data (ranking every item for every user is O(n m k)).
+EVAL_MAX_USERS = 20_000
+
+
+@dataclass
+class TrainReport:
+    """What a training run did; `metrics`/`baseline` are None when evaluation was skipped."""
+
+    version: str
+    params: AlsParams
+    metrics: Metrics | None
+    baseline: Metrics | None
+    losses: list[float]
+    seconds_per_iteration: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate_params(
+    counts: PlayCounts,
+    params: AlsParams,
+    holdout: float = 0.2,
+    k: int = 10,
+    show_progress: bool = True,
+) -> tuple[Metrics, Metrics, AlsResult]:
+    """Train on a per-user split and rank the held-out plays: (model metrics, popularity, result)."""
+    train, test = holdout_split(counts.matrix, holdout, seed=params.seed, timestamps=counts.last_played)
+    result = train_als(train, params, show_progress=show_progress)
+    metrics = ranking_metrics(result.user_factors, result.item_factors, train, test, k, EVAL_MAX_USERS, params.seed)
+    baseline = ranking_metrics(*popularity_factors(train), train, test, k, EVAL_MAX_USERS, params.seed)
+    return metrics, baseline, result
+
+
+def train_and_publish(
+    counts: PlayCounts,
+    store: ModelStore,
+    params: AlsParams,
+    holdout: float = 0.2,
+    k: int = 10,
+    source: dict[str, Any] | None = None,
+    extra: Callable[[Path, np.ndarray], dict[str, Any] | None] | None = None,
+    show_progress: bool = True,
+) -> TrainReport:
+    """Evaluate (unless holdout == 0), train on all plays and publish to `store`.
+
+    source: manifest description of the input (path, checksum or Kafka offsets = the watermark).
+    extra(directory, item_factors): writes further artifacts, e.g. the forest, into the new version.
+    """
+    timings: dict[str, float] = {}
+    metrics = baseline = None
+    if holdout > 0:
+        start = time.perf_counter()
+        metrics, baseline, _ = evaluate_params(counts, params, holdout, k, show_progress)
+        timings["evaluate_s"] = time.perf_counter() - start
+        log.info("holdout evaluation: %s", metrics.describe())
+        log.info("popularity baseline: %s", baseline.describe())
+    start = time.perf_counter()
+    result = train_als(counts.matrix, params, show_progress=show_progress)
+    timings["train_s"] = time.perf_counter() - start
+    matrix = counts.matrix
+
+    def write_artifacts(directory: Path) -> dict[str, Any]:
+        np.save(directory / "plays_indptr.npy", matrix.indptr.astype(np.int64), allow_pickle=False)
+        np.save(directory / "plays_indices.npy", matrix.indices.astype(np.int32), allow_pickle=False)
+        np.save(directory / "plays_counts.npy", matrix.data.astype(np.float32), allow_pickle=False)
+        fields: dict[str, Any] = {}
+        if extra is not None:
+            begin = time.perf_counter()
+            fields.update(extra(directory, result.item_factors) or {})
+            timings["index_s"] = time.perf_counter() - begin
+        return fields
+
+    start = time.perf_counter()
+    version = store.publish(
+        counts.user_ids,
+        counts.item_ids,
+        result.user_factors,
+        result.item_factors,
+        manifest={
+            "parameters": params.to_dict(),
+            "input": {**(source or {}), "plays": int(matrix.nnz), "summary": counts.summary.describe()},
+            "metrics": {
+                "holdout": holdout,
+                "model": metrics.to_dict() if metrics else None,
+                "popularity": baseline.to_dict() if baseline else None,
+            },
+            "training": {
+                "losses": result.losses,
+                "seconds_per_iteration": float(np.median(result.seconds)) if result.seconds else 0.0,
+                "timings": timings,
+            },
+        },
+        extra=write_artifacts,
+    )
+    timings["publish_s"] = time.perf_counter() - start
+    return TrainReport(
+        version=version,
+        params=params,
+        metrics=metrics,
+        baseline=baseline,
+        losses=result.losses,
+        seconds_per_iteration=float(np.median(result.seconds)) if result.seconds else 0.0,
+        timings=timings,
+    )

@@ -1,0 +1,248 @@
+"""The `playrec` console script: one command, a subcommand per job (each has --help)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("playrec")
+
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- train ------------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from batch.als import AlsParams
+
+    d = AlsParams()
+    parser.add_argument("--plays", type=Path, required=True, help="CSV/TSV of user,track,plays[,timestamp]")
+    parser.add_argument("--out", type=Path, required=True, help="model store directory (created if missing)")
+    parser.add_argument(
+        "--factors", type=_positive_int, default=d.factors, help=f"latent factors (default {d.factors})"
+    )
+    parser.add_argument("--iterations", type=int, default=d.iterations, help=f"ALS iterations (default {d.iterations})")
+    parser.add_argument("--alpha", type=float, default=d.alpha, help=f"confidence scale (default {d.alpha})")
+    parser.add_argument("--reg", type=float, default=d.reg, help=f"L2 regularisation lambda (default {d.reg})")
+    parser.add_argument(
+        "--confidence",
+        choices=("log", "linear"),
+        default=d.confidence,
+        help="c = 1 + alpha*log(1 + plays/eps) (log, default) or c = 1 + alpha*plays (linear)",
+    )
+    parser.add_argument("--eps", type=float, default=d.eps, help=f"eps of the log confidence (default {d.eps})")
+    parser.add_argument("--solver", choices=("cg", "cholesky"), default=d.solver, help="half-step solver (default cg)")
+    parser.add_argument(
+        "--cg-steps", type=_positive_int, default=d.cg_steps, help=f"CG steps per half-step (default {d.cg_steps})"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    parser.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=0.2,
+        help="fraction of each user's tracks held out to evaluate before publishing; 0 skips (default 0.2)",
+    )
+    parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
+    parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from batch.als import AlsParams, AlsParamsError
+    from batch.model_store import ModelStore
+    from batch.plays import PlaysFileError, read_play_counts
+    from batch.training import train_and_publish
+
+    try:
+        params = AlsParams(
+            factors=args.factors,
+            iterations=args.iterations,
+            alpha=args.alpha,
+            reg=args.reg,
+            confidence=args.confidence,
+            eps=args.eps,
+            solver=args.solver,
+            cg_steps=args.cg_steps,
+            seed=args.seed,
+        )
+    except AlsParamsError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        counts = read_play_counts(args.plays, binarize=args.binarize)
+    except PlaysFileError as exc:
+        raise CliError(str(exc)) from None
+    log.info("read %s: %s; %d users x %d tracks", args.plays, counts.summary.describe(), *counts.shape)
+    store = ModelStore(args.out, keep=args.keep)
+    report = train_and_publish(
+        counts,
+        store,
+        params,
+        holdout=args.holdout,
+        source={"path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)},
+        show_progress=not args.no_progress,
+    )
+    if report.metrics is not None:
+        print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
+        print(f"popularity: {report.baseline.describe()}")
+    print(
+        f"published model {report.version} to {store.models} "
+        f"({counts.shape[0]:,} users x {counts.shape[1]:,} tracks, {report.seconds_per_iteration:.3f} s/iteration)"
+    )
+    return 0
+
+
+# -- recommend / similar ----------------------------------------------------------------------
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, required=True, help="model store directory")
+    parser.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    parser.add_argument("--version", help="model version (default: CURRENT)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _recommender(args: argparse.Namespace):
+    from batch.model_store import ModelStore, ModelStoreError
+    from batch.recommend import Recommender
+
+    try:
+        return Recommender(ModelStore(args.store).load(args.version))
+    except ModelStoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_items(args: argparse.Namespace, head: dict, items: list) -> None:
+    if args.json:
+        print(json.dumps({**head, "items": [{"track": r.track, "score": r.score} for r in items]}))
+        return
+    for rank, r in enumerate(items, 1):
+        print(f"{rank:3d}  {r.track}\t{r.score:.4f}")
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from batch.recommend import UnknownIdError
+
+    rec = _recommender(args)
+    try:
+        items = rec.recommend(args.user, args.k, exclude_streamed=not args.include_streamed)
+    except UnknownIdError as exc:
+        print(f"playrec: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    _print_items(args, {"user": args.user, "source": "model", "version": rec.model.version}, items)
+    return 0
+
+
+def run_similar(args: argparse.Namespace) -> int:
+    from batch.recommend import UnknownIdError
+
+    rec = _recommender(args)
+    try:
+        items = rec.similar(args.track, args.k)
+    except UnknownIdError as exc:
+        print(f"playrec: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    _print_items(args, {"track": args.track, "version": rec.model.version}, items)
+    return 0
+
+
+# -- broker / demo ----------------------------------------------------------------------------
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    from playrec import devbroker
+
+    devbroker.add_arguments(parser)
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from playrec import devbroker
+
+    return devbroker.run(args)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder holding lastfm-2k/ (default ../shared/data or $PLAYREC_DATA)"
+    )
+    parser.add_argument("--store", type=Path, default=Path(".demo/store"), help="model store (default .demo/store)")
+    parser.add_argument("--iterations", type=int, default=15, help="ALS iterations (default 15)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from playrec.demo import run as demo
+
+    return demo(args)
+
+
+COMMANDS = {
+    "train": ("train ALS on play counts, evaluate on a holdout and publish a model", add_train_arguments, run_train),
+    "recommend": ("top-k tracks for a user from a model store", None, run_recommend),
+    "similar": ("tracks most similar to a track (cosine of item vectors)", None, run_similar),
+    "broker": ("start a local Apache Kafka broker (KRaft) for development", add_broker_arguments, run_broker),
+    "demo": ("train on Last.fm 2K and show evaluation and recommendations", add_demo_arguments, run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="playrec", description="Streaming music recommender (implicit ALS + Kafka).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "recommend":
+            p.add_argument("user", help="user id as in the training data")
+            add_query_arguments(p)
+            p.add_argument("--include-streamed", action="store_true", help="do not exclude tracks already streamed")
+        elif name == "similar":
+            p.add_argument("track", help="track id as in the training data")
+            add_query_arguments(p)
+        elif add_arguments is not None:
+            add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `playrec` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command][2](args)
+    except CliError as exc:
+        print(f"playrec {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

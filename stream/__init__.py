@@ -1,0 +1,1 @@
+"""Speed layer: faust stream workers that count plays, fold in users and tracks and serve HTTP."""
