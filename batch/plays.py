@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -94,25 +95,27 @@ def _detect_delimiter(line: str) -> str:
     raise PlaysFileError("cannot tell the delimiter: expected tab-, comma- or semicolon-separated columns")
 
 
-def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
-    """Read a CSV/TSV file of `user, track, plays[, timestamp]` rows into `PlayCounts`.
+class PlayRow(NamedTuple):
+    """One data line of a play-counts file; `ts` is None without a timestamp column."""
 
-    A header line is recognised when its plays column is not a number. Duplicate (user, track) rows
-    are summed (timestamps: the latest wins). Rows with 0 plays keep their user and track ids but add
-    no preference. With `binarize`, every row counts as one stream (e.g. MovieLens ratings as plays).
-    Raises `PlaysFileError` naming the line for anything else: wrong column count, empty ids,
-    non-numeric, negative or non-finite plays, bad timestamps, an empty file.
+    lineno: int
+    user: str
+    track: str
+    plays: float
+    ts: float | None
+
+
+def iter_play_rows(path: str | Path, summary: ReadSummary | None = None) -> Iterator[PlayRow]:
+    """Validated rows of a CSV/TSV file of `user, track, plays[, timestamp]`.
+
+    A header line is recognised when its plays column is not a number; blank lines are counted in
+    `summary`. Raises `PlaysFileError` naming the line for anything else: wrong column count, empty
+    ids, non-numeric, negative or non-finite plays, bad timestamps.
     """
     path = Path(path)
     if not path.is_file():
         raise PlaysFileError(f"{path}: no such file")
-    summary = ReadSummary()
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    rows: list[int] = []
-    cols: list[int] = []
-    plays: list[float] = []
-    stamps: list[float] = []
+    summary = summary if summary is not None else ReadSummary()
     delimiter: str | None = None
     n_columns = 0
     with path.open("r", encoding="utf-8", newline="") as handle:
@@ -134,8 +137,7 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
                         f"found {n_columns}"
                     )
                 summary.has_timestamps = n_columns == 4
-                first = line.split(delimiter)
-                if not _is_number(first[2].strip()):
+                if not _is_number(line.split(delimiter)[2].strip()):
                     summary.header = line
                     log.info("%s:%d: treating %r as a header line", path, lineno, line)
                     continue
@@ -154,6 +156,7 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
                 raise PlaysFileError(f"{path}:{lineno}: plays {text!r} is not a number") from None
             if not math.isfinite(value) or value < 0:
                 raise PlaysFileError(f"{path}:{lineno}: plays must be a finite number >= 0, got {text!r}")
+            stamp = None
             if n_columns == 4:
                 ts_text = fields[3].strip()
                 try:
@@ -162,12 +165,30 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
                     raise PlaysFileError(f"{path}:{lineno}: timestamp {ts_text!r} is not a number") from None
                 if not math.isfinite(stamp):
                     raise PlaysFileError(f"{path}:{lineno}: timestamp {ts_text!r} is not finite")
-                stamps.append(stamp)
-            u = user_index.setdefault(user, len(user_index))
-            i = item_index.setdefault(track, len(item_index))
-            rows.append(u)
-            cols.append(i)
-            plays.append(1.0 if binarize else value)
+            yield PlayRow(lineno, user, track, value, stamp)
+
+
+def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
+    """Read a CSV/TSV file of `user, track, plays[, timestamp]` rows into `PlayCounts`.
+
+    Rows are validated by `iter_play_rows`. Duplicate (user, track) rows are summed (timestamps: the
+    latest wins). Rows with 0 plays keep their user and track ids but add no preference. With
+    `binarize`, every row counts as one stream (e.g. MovieLens ratings as plays). Raises
+    `PlaysFileError` naming the line for bad input, or for a file without any play row.
+    """
+    summary = ReadSummary()
+    user_index: dict[str, int] = {}
+    item_index: dict[str, int] = {}
+    rows: list[int] = []
+    cols: list[int] = []
+    plays: list[float] = []
+    stamps: list[float] = []
+    for row in iter_play_rows(path, summary):
+        rows.append(user_index.setdefault(row.user, len(user_index)))
+        cols.append(item_index.setdefault(row.track, len(item_index)))
+        plays.append(1.0 if binarize else row.plays)
+        if row.ts is not None:
+            stamps.append(row.ts)
     if not rows:
         raise PlaysFileError(f"{path}: no play rows found (file is empty or holds only a header)")
     summary.rows = len(rows)

@@ -187,6 +187,43 @@ def run_broker(args: argparse.Namespace) -> int:
     return devbroker.run(args)
 
 
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="user,track,plays[,timestamp] file (Last.fm counts, MovieLens u.data)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="events per second; 0 = as fast as possible")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="stop after this many events")
+    parser.add_argument("--max-per-pair", type=_positive_int, default=None, help="cap the plays expanded per pair")
+    parser.add_argument("--topic", default="plays", help="topic (default plays)")
+    parser.add_argument("--bootstrap", default=None, help="Kafka host:port (default $KAFKA_BOOTSTRAP)")
+    parser.add_argument("--seed", type=int, default=0, help="interleaving seed for count files (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    import os
+
+    from batch.plays import PlaysFileError
+    from stream.replay import ReplayError, run_replay
+
+    bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        raise CliError("no broker: pass --bootstrap host:port or set KAFKA_BOOTSTRAP (start one with `playrec broker`)")
+    try:
+        sent = run_replay(
+            bootstrap,
+            args.file,
+            args.rate,
+            args.limit,
+            args.max_per_pair,
+            args.topic,
+            args.seed,
+            show_progress=not args.no_progress,
+        )
+    except (PlaysFileError, ReplayError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"replayed {sent:,} events from {args.file} to {args.topic} on {bootstrap}")
+    return 0
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="folder holding lastfm-2k/ (default ../shared/data or $PLAYREC_DATA)"
@@ -205,6 +242,7 @@ COMMANDS = {
     "train": ("train ALS on play counts, evaluate on a holdout and publish a model", add_train_arguments, run_train),
     "recommend": ("top-k tracks for a user from a model store", None, run_recommend),
     "similar": ("tracks most similar to a track (cosine of item vectors)", None, run_similar),
+    "replay": ("produce play events from a data set to Kafka at a chosen rate", add_replay_arguments, run_replay),
     "broker": ("start a local Apache Kafka broker (KRaft) for development", add_broker_arguments, run_broker),
     "demo": ("train on Last.fm 2K and show evaluation and recommendations", add_demo_arguments, run_demo),
 }
@@ -235,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # the Kafka clients narrate every connection at INFO
+        for noisy in ("kafka", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command][2](args)
     except CliError as exc:
