@@ -155,13 +155,18 @@ def explain_score(
     params: AlsParams,
     item_ids: np.ndarray,
     top: int = 10,
+    gram: np.ndarray | None = None,
 ) -> dict:
-    """Hu et al. section 5 explanation for one (user, item) from the user's streamed items and counts."""
+    """Hu et al. section 5 explanation for one (user, item) from the user's streamed items and counts.
+
+    item_factors (n, k) must hold the streamed items and `item`; `gram` is `Y^T Y` over ALL items when
+    `item_factors` is only a subset (default: computed from `item_factors`).
+    """
     Y = np.asarray(item_factors, dtype=np.float64)
     k = Y.shape[1]
     cm1 = confidence_minus_one(counts, params.alpha, params.confidence, params.eps).astype(np.float64)
     Yu = Y[streamed]
-    A = Y.T @ Y + (Yu * cm1[:, None]).T @ Yu + params.reg * np.eye(k)
+    A = (Y.T @ Y if gram is None else gram) + (Yu * cm1[:, None]).T @ Yu + params.reg * np.eye(k)
     weights = np.linalg.solve(A, Yu.T)  # W_u y_j for every streamed j: (k, n_streamed)
     similarity = Y[item] @ weights  # s_ij
     contributions = similarity * (1.0 + cm1)

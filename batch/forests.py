@@ -1,0 +1,56 @@
+"""The model version's search indexes: a hyperplane forest for user -> track (inner product) and one
+for track -> similar tracks (cosine), saved as `.npy` arrays inside the version directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index import HyperplaneForest
+
+log = logging.getLogger(__name__)
+
+DOT_PREFIX = "forest-dot"
+COSINE_PREFIX = "forest-cosine"
+
+
+@dataclass(frozen=True)
+class ForestParams:
+    """Forest shape: more trees raise recall and build time; leaf_size bounds items per leaf."""
+
+    n_trees: int = 50
+    leaf_size: int = 64
+    seed: int = 0
+
+
+def build_forests(
+    directory: Path, item_ids: np.ndarray, item_factors: np.ndarray, params: ForestParams
+) -> dict[str, Any]:
+    """Build and save both forests into `directory`; returns manifest fields describing them."""
+    ids = np.asarray(item_ids).astype(str)
+    vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
+    out: dict[str, Any] = {"forest": {**asdict(params), "files": {}}}
+    for metric, prefix in (("dot", DOT_PREFIX), ("cosine", COSINE_PREFIX)):
+        forest = HyperplaneForest(
+            vectors.shape[1], metric=metric, n_trees=params.n_trees, leaf_size=params.leaf_size, seed=params.seed
+        )
+        forest.build(vectors, ids)
+        forest.save(directory, prefix=prefix)
+        out["forest"]["files"][metric] = prefix
+        log.info("built %s forest: %d items, %d trees", metric, len(ids), params.n_trees)
+    return out
+
+
+def load_forests(directory: Path) -> tuple[HyperplaneForest | None, HyperplaneForest | None]:
+    """(dot forest, cosine forest) of a version directory, memory-mapped; None where absent."""
+    found = []
+    for prefix in (DOT_PREFIX, COSINE_PREFIX):
+        if any(Path(directory).glob(f"{prefix}.*")):
+            found.append(HyperplaneForest.load(directory, prefix=prefix, mmap=True))
+        else:
+            found.append(None)
+    return found[0], found[1]

@@ -1,0 +1,251 @@
+"""The speed layer's view of one model version plus what the stream folded in on top of it.
+
+A `LiveModel` wraps a published `Model` (memory-mapped, shared between worker processes) and adds:
+
+- exact fold-in of users from their full play counts (`fold_in_users`), batched across users,
+  against the model's item factors and the tracks folded in since;
+- exact fold-in of new tracks from their listeners' current vectors (`fold_in_tracks`), and their
+  insertion into the search index so they become recommendable without a retrain;
+- top-K, similar tracks, popularity fallback and explanations over model + new tracks.
+
+It holds no Kafka state: the faust worker feeds it counts and vectors from its tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from batch.als import AlsParams
+from batch.foldin import fold_in
+from batch.forests import load_forests
+from batch.model_store import Model
+from batch.recommend import explain_score, top_k
+
+log = logging.getLogger(__name__)
+
+#: How many of the most-listened tracks are kept for the popularity fallback.
+POPULAR_KEPT = 1000
+
+
+class UnknownTrackError(KeyError):
+    """A track neither in the model nor folded in."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown track"
+
+
+@dataclass
+class Scored:
+    track: str
+    score: float
+
+
+class LiveModel:
+    """One model version + folded-in tracks; thread-compatible (callers serialise mutations)."""
+
+    def __init__(self, model: Model, use_index: bool = True, search_k: int | None = None) -> None:
+        self.model = model
+        self.version = model.version
+        params = model.manifest.get("parameters") or {}
+        self.params = AlsParams(**params) if params else AlsParams(factors=model.factors)
+        self.k = model.factors
+        self.item_ids = np.asarray(model.item_ids)
+        self.item_index = model.item_index
+        self.user_index = model.user_index
+        self.search_k = search_k
+        Y = np.asarray(model.item_factors, dtype=np.float64)
+        X = np.asarray(model.user_factors, dtype=np.float64)
+        self.item_gram = Y.T @ Y
+        self.user_gram = X.T @ X
+        self.dot_index, self.cosine_index = load_forests(model.path) if use_index else (None, None)
+        # Tracks folded in by the stream: ids, vectors (capacity-doubling buffer), index.
+        self.new_ids: list[str] = []
+        self.new_index: dict[str, int] = {}
+        self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
+        self.popular = self._popular_tracks(model)
+
+    # -- ids and vectors ---------------------------------------------------------------------
+    def __contains__(self, track: str) -> bool:
+        return track in self.item_index or track in self.new_index
+
+    @property
+    def new_vectors(self) -> np.ndarray:
+        """(n_new, k) float32 vectors of folded-in tracks."""
+        return self._new_vectors[: len(self.new_ids)]
+
+    def item_vector(self, track: str) -> np.ndarray:
+        if track in self.item_index:
+            return np.asarray(self.model.item_factors[self.item_index[track]], dtype=np.float32)
+        if track in self.new_index:
+            return self.new_vectors[self.new_index[track]]
+        raise UnknownTrackError(f"unknown track {track!r}: not in model {self.version} and not folded in yet")
+
+    def model_user_vector(self, user: str) -> np.ndarray | None:
+        row = self.user_index.get(user)
+        return None if row is None else np.asarray(self.model.user_factors[row], dtype=np.float32)
+
+    def _gather(self, tracks: Iterable[str]) -> tuple[list[str], np.ndarray]:
+        """Known tracks among `tracks` and their vectors (n, k)."""
+        known = [t for t in dict.fromkeys(tracks) if t in self]
+        if not known:
+            return [], np.zeros((0, self.k), dtype=np.float32)
+        vectors = np.empty((len(known), self.k), dtype=np.float32)
+        model_rows = [(j, self.item_index[t]) for j, t in enumerate(known) if t in self.item_index]
+        if model_rows:
+            pos, rows = zip(*model_rows)
+            vectors[list(pos)] = np.asarray(self.model.item_factors)[np.asarray(rows)]
+        for j, t in enumerate(known):
+            if t in self.new_index:
+                vectors[j] = self.new_vectors[self.new_index[t]]
+        return known, vectors
+
+    # -- fold-in -----------------------------------------------------------------------------
+    def fold_in_users(self, counts: Mapping[str, Mapping[str, float]]) -> dict[str, np.ndarray]:
+        """Exact user half-step for many users at once from their FULL counts {user: {track: streams}}.
+
+        Tracks unknown to this model (not yet folded in) are left out; a user without any known
+        streamed track gets no vector (serve the popularity fallback).
+        """
+        tracks, vectors = self._gather(t for per_user in counts.values() for t, c in per_user.items() if c > 0)
+        if not tracks:
+            return {}
+        column = {t: j for j, t in enumerate(tracks)}
+        users, rows, cols, data = [], [], [], []
+        for user, per_user in counts.items():
+            entries = [(column[t], c) for t, c in per_user.items() if c > 0 and t in column]
+            if not entries:
+                continue
+            r = len(users)
+            users.append(user)
+            for j, c in entries:
+                rows.append(r)
+                cols.append(j)
+                data.append(c)
+        if not users:
+            return {}
+        plays = sp.csr_matrix((np.asarray(data, np.float32), (rows, cols)), shape=(len(users), len(tracks)))
+        solved = fold_in(plays, vectors, self.params, gram=self.item_gram)
+        return dict(zip(users, solved))
+
+    def fold_in_tracks(self, listeners: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Exact item half-step for new tracks: {track: (listener vectors (n, k), streams (n,))}."""
+        tracks = [t for t, (vecs, counts) in listeners.items() if len(counts)]
+        if not tracks:
+            return {}
+        blocks = [np.asarray(listeners[t][0], dtype=np.float32).reshape(-1, self.k) for t in tracks]
+        counts = [np.asarray(listeners[t][1], dtype=np.float32).ravel() for t in tracks]
+        sizes = np.array([len(c) for c in counts])
+        indptr = np.concatenate([[0], np.cumsum(sizes)])
+        plays = sp.csr_matrix(
+            (np.concatenate(counts), np.arange(indptr[-1]), indptr), shape=(len(tracks), int(indptr[-1]))
+        )
+        solved = fold_in(plays, np.concatenate(blocks), self.params, gram=self.user_gram)
+        return dict(zip(tracks, solved))
+
+    def user_moved(self, old: np.ndarray | None, new: np.ndarray) -> None:
+        """Keep X^T X current when a user's vector changes (the fixed side of track fold-in)."""
+        if old is not None:
+            old64 = np.asarray(old, dtype=np.float64)
+            self.user_gram -= np.outer(old64, old64)
+        new64 = np.asarray(new, dtype=np.float64)
+        self.user_gram += np.outer(new64, new64)
+
+    def add_tracks(self, vectors: Mapping[str, np.ndarray]) -> None:
+        """Insert (or update) folded-in tracks: searchable at once, part of later user fold-ins."""
+        fresh: list[str] = []
+        for track, vector in vectors.items():
+            if track in self.item_index:
+                continue  # the model knows it; the batch solution wins
+            v = np.asarray(vector, dtype=np.float32).reshape(self.k)
+            v64 = v.astype(np.float64)
+            if track in self.new_index:
+                old = self.new_vectors[self.new_index[track]].astype(np.float64)
+                self.item_gram -= np.outer(old, old)
+                self._new_vectors[self.new_index[track]] = v
+            else:
+                if len(self.new_ids) == len(self._new_vectors):
+                    self._new_vectors = np.concatenate([self._new_vectors, np.zeros_like(self._new_vectors)])
+                self.new_index[track] = len(self.new_ids)
+                self.new_ids.append(track)
+                self._new_vectors[self.new_index[track]] = v
+                fresh.append(track)
+            self.item_gram += np.outer(v64, v64)
+        updated = [t for t in vectors if t in self.new_index]
+        for index in (self.dot_index, self.cosine_index):
+            if index is None or not updated:
+                continue
+            index.remove([t for t in updated if t not in fresh and t in index], missing_ok=True)
+            index.add(np.stack([self.new_vectors[self.new_index[t]] for t in updated]), np.array(updated))
+
+    # -- queries -----------------------------------------------------------------------------
+    def recommend(self, vector: np.ndarray, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
+        """Top-k tracks for a user vector (k,) by inner product, never returning `exclude`."""
+        exclude = set(exclude)
+        vector = np.asarray(vector, dtype=np.float32)
+        if self.dot_index is not None:
+            ids, scores = self.dot_index.query(vector, k=k, search_k=self.search_k, exclude=list(exclude))
+            return [Scored(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
+        scores = np.concatenate([np.asarray(self.model.item_factors) @ vector, self.new_vectors @ vector])
+        return self._top(scores, k, exclude)
+
+    def similar(self, track: str, k: int = 10) -> list[Scored]:
+        """Tracks closest to `track` by cosine of item vectors (the track itself excluded)."""
+        vector = self.item_vector(track)
+        if self.cosine_index is not None:
+            ids, scores = self.cosine_index.query(vector, k=k, search_k=self.search_k, exclude=[track])
+            return [Scored(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
+        norm = float(np.linalg.norm(vector))
+        Y = np.concatenate([np.asarray(self.model.item_factors), self.new_vectors])
+        norms = np.linalg.norm(Y, axis=1)
+        scores = np.divide(Y @ vector, norms * norm, out=np.zeros(len(Y), np.float32), where=(norms * norm) > 0)
+        return self._top(scores, k, {track})
+
+    def _top(self, scores: np.ndarray, k: int, exclude: set[str]) -> list[Scored]:
+        all_ids = self.item_ids if not self.new_ids else np.concatenate([self.item_ids, np.array(self.new_ids)])
+        banned = [
+            self.item_index[t] if t in self.item_index else len(self.item_ids) + self.new_index[t]
+            for t in exclude
+            if t in self
+        ]
+        idx, best = top_k(scores, k, np.asarray(banned, dtype=np.int64))
+        return [Scored(str(all_ids[i]), float(s)) for i, s in zip(idx, best)]
+
+    def popular_for(self, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
+        """The popularity fallback: most-listened tracks of the training data (score = listeners)."""
+        exclude = set(exclude)
+        return [Scored(t, float(n)) for t, n in self.popular if t not in exclude][:k]
+
+    def explain(self, counts: Mapping[str, float], track: str, top: int = 10) -> dict:
+        """Contributions of the user's streamed tracks to `track`'s score (Hu et al. section 5)."""
+        tracks, vectors = self._gather(t for t, c in counts.items() if c > 0)
+        if track not in self:
+            raise UnknownTrackError(f"unknown track {track!r}")
+        target = len(tracks)
+        all_vectors = np.vstack([vectors, self.item_vector(track)[None]])
+        ids = np.array([*tracks, track])
+        # explain_score solves with Y^T Y over `all_vectors`; pass the real item gram via the
+        # weights form: contributions use W_u = (G + Y_u^T (C_u - I) Y_u + reg I)^-1.
+        return explain_score(
+            all_vectors,
+            np.arange(len(tracks)),
+            np.array([counts[t] for t in tracks], np.float64),
+            target,
+            self.params,
+            ids,
+            top,
+            gram=self.item_gram,
+        )
+
+    @staticmethod
+    def _popular_tracks(model: Model) -> list[tuple[str, int]]:
+        path = model.artifact("plays_indices.npy")
+        if not path.is_file():
+            return []
+        listeners = np.bincount(np.load(path, mmap_mode="r", allow_pickle=False), minlength=len(model.item_ids))
+        order = np.argsort(-listeners, kind="stable")[:POPULAR_KEPT]
+        return [(str(model.item_ids[i]), int(listeners[i])) for i in order if listeners[i] > 0]

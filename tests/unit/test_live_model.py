@@ -1,0 +1,95 @@
+"""The stream's LiveModel: exact fold-in against a published model, new tracks, queries."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from batch.als import AlsParams
+from batch.confidence import confidence_matrix
+from batch.model_store import ModelStore
+from batch.plays import PlayCounts
+from batch.training import train_and_publish
+from stream.live_model import LiveModel, UnknownTrackError
+
+from .synthetic import random_plays
+from .test_als import reference_half_step
+
+PARAMS = AlsParams(factors=8, iterations=5, alpha=1.0, reg=0.1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    plays = random_plays(200, 120, 0.06, seed=8)
+    counts = PlayCounts(plays, np.array([f"u{i}" for i in range(200)]), np.array([f"t{i}" for i in range(120)]))
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    train_and_publish(counts, store, PARAMS, holdout=0, show_progress=False)
+    return store, plays
+
+
+def user_counts(plays: sp.csr_matrix, row: int) -> dict:
+    start, stop = plays.indptr[row], plays.indptr[row + 1]
+    return {f"t{j}": float(c) for j, c in zip(plays.indices[start:stop], plays.data[start:stop])}
+
+
+def test_fold_in_users_equals_the_half_step(published):
+    store, plays = published
+    live = LiveModel(store.load(), use_index=False)
+    rows = [int(r) for r in np.flatnonzero(np.diff(plays.indptr) > 0)[[0, 17, -1]]]
+    vectors = live.fold_in_users({f"u{r}": user_counts(plays, r) for r in rows} | {"ghost": {"t-new": 3.0}})
+    assert set(vectors) == {f"u{r}" for r in rows}  # "ghost" streamed only an unknown track
+    cm1 = confidence_matrix(plays, PARAMS.alpha, PARAMS.confidence, PARAMS.eps)
+    want = reference_half_step(cm1[rows], np.asarray(live.model.item_factors), PARAMS.reg)
+    got = np.stack([vectors[f"u{r}"] for r in rows])
+    assert (np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)).max() < 1e-4
+
+
+def test_new_track_fold_in_and_recommendation(published):
+    store, _ = published
+    live = LiveModel(store.load(), use_index=False)
+    X = np.asarray(live.model.user_factors)
+    listeners = np.array([3, 9, 27, 81, 100])
+    counts = np.array([5.0, 1.0, 2.0, 8.0, 3.0], np.float32)
+    solved = live.fold_in_tracks({"fresh": (X[listeners], counts)})
+    cm1 = sp.csr_matrix((np.log1p(counts), (np.zeros(5, int), listeners)), shape=(1, X.shape[0]), dtype=np.float32)
+    want = reference_half_step(cm1, X, PARAMS.reg)[0]
+    assert np.linalg.norm(solved["fresh"] - want) / np.linalg.norm(want) < 1e-4
+    before = live.item_gram.copy()
+    live.add_tracks(solved)
+    assert "fresh" in live and live.new_ids == ["fresh"]
+    np.testing.assert_allclose(live.item_gram - before, np.outer(solved["fresh"], solved["fresh"]), atol=1e-9)
+    # a new track is recommendable at once: a loud one tops a query along its direction
+    loud = solved["fresh"] / np.linalg.norm(solved["fresh"]) * 100
+    live.add_tracks({"loud": loud})
+    assert live.recommend(loud, k=3)[0].track == "loud"
+    assert "fresh" in [s.track for s in live.recommend(solved["fresh"], k=200)]
+    assert "fresh" not in [s.track for s in live.recommend(solved["fresh"], k=3, exclude={"fresh"})]
+    assert live.similar("fresh", 2)[0].track != "fresh"
+    # user fold-in now includes plays of the new track
+    vec = live.fold_in_users({"newbie": {"fresh": 4.0}})
+    assert "newbie" in vec and float(vec["newbie"] @ solved["fresh"]) > 0
+    # re-solving replaces the vector without duplicating the track
+    live.add_tracks({"fresh": solved["fresh"] * 0.5})
+    assert live.new_ids == ["fresh", "loud"]
+    stored = live.new_vectors.astype(np.float64)  # fresh * 0.5 and loud, as float32
+    np.testing.assert_allclose(stored[0], solved["fresh"] * 0.5, rtol=1e-6)
+    expected = before + stored.T @ stored  # before: the gram without any new track
+    np.testing.assert_allclose(live.item_gram, expected, rtol=1e-7, atol=1e-6)
+
+
+def test_popularity_and_explanation(published):
+    store, plays = published
+    live = LiveModel(store.load(), use_index=False)
+    listeners = np.bincount(plays.indices, minlength=120)
+    popular = live.popular_for(5)
+    assert popular[0].track == f"t{int(np.argmax(listeners))}" and popular[0].score == listeners.max()
+    assert popular[0].track not in [p.track for p in live.popular_for(5, exclude={popular[0].track})]
+    counts = user_counts(plays, 4)
+    vector = live.fold_in_users({"u4": counts})["u4"]
+    target = live.recommend(vector, 1, exclude=counts)[0]
+    explanation = live.explain(counts, target.track)
+    assert explanation["score"] == pytest.approx(target.score, rel=1e-3)
+    assert (
+        sum(c["contribution"] for c in explanation["contributions"]) <= explanation["score"] + 1e-6 or len(counts) > 10
+    )
+    with pytest.raises(UnknownTrackError):
+        live.similar("nope")
