@@ -224,6 +224,77 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    import os
+
+    env = os.environ.get
+    parser.add_argument("--store", type=Path, default=env("PLAYREC_STORE"), help="model store ($PLAYREC_STORE)")
+    parser.add_argument("--bootstrap", default=env("KAFKA_BOOTSTRAP"), help="Kafka host:port ($KAFKA_BOOTSTRAP)")
+    parser.add_argument("--port", type=int, default=int(env("PLAYREC_PORT", "6066")), help="HTTP port (default 6066)")
+    parser.add_argument("--host", default=env("PLAYREC_HOST", "127.0.0.1"), help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--app-id", default=env("PLAYREC_APP_ID", "playrec"), help="consumer group / app id")
+    parser.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=int(env("PLAYREC_PARTITIONS", "8")),
+        help="partitions of plays and the tables (default 8)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env("PLAYREC_DATA_DIR", ".playrec-worker")),
+        help="local state directory (default .playrec-worker)",
+    )
+    parser.add_argument(
+        "--table-store",
+        default=env("PLAYREC_TABLE_STORE"),
+        help="faust table store: rocksdict:// (when installed) or memory://",
+    )
+    parser.add_argument(
+        "--min-listeners",
+        type=_positive_int,
+        default=5,
+        help="distinct listeners before a new track is folded in (default 5)",
+    )
+    parser.add_argument("--search-k", type=_positive_int, default=None, help="forest candidates per query")
+    parser.add_argument("--loglevel", default="info", choices=("debug", "info", "warn", "error"))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from stream.settings import KafkaSecurity, SettingsError, WorkerSettings
+
+    if args.store is None:
+        raise CliError("no model store: pass --store DIR or set PLAYREC_STORE")
+    table_store = args.table_store
+    if table_store is None:
+        try:
+            import rocksdict  # noqa: F401
+
+            table_store = "rocksdb://"
+        except ImportError:
+            table_store = "memory://"
+    try:
+        settings = WorkerSettings(
+            bootstrap=args.bootstrap or "",
+            store=args.store,
+            port=args.port,
+            host=args.host,
+            app_id=args.app_id,
+            partitions=args.partitions,
+            data_dir=args.data_dir,
+            table_store=table_store,
+            min_listeners=args.min_listeners,
+            search_k=args.search_k,
+            security=KafkaSecurity.from_env(),
+        )
+        settings.validate()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    from stream.runner import run_worker as run
+
+    return run(settings, args.loglevel)
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="folder holding lastfm-2k/ (default ../shared/data or $PLAYREC_DATA)"
@@ -242,6 +313,7 @@ COMMANDS = {
     "train": ("train ALS on play counts, evaluate on a holdout and publish a model", add_train_arguments, run_train),
     "recommend": ("top-k tracks for a user from a model store", None, run_recommend),
     "similar": ("tracks most similar to a track (cosine of item vectors)", None, run_similar),
+    "worker": ("run a stream worker: Kafka plays -> counts -> fold-in -> HTTP API", add_worker_arguments, run_worker),
     "replay": ("produce play events from a data set to Kafka at a chosen rate", add_replay_arguments, run_replay),
     "broker": ("start a local Apache Kafka broker (KRaft) for development", add_broker_arguments, run_broker),
     "demo": ("train on Last.fm 2K and show evaluation and recommendations", add_demo_arguments, run_demo),

@@ -68,6 +68,27 @@ class LiveModel:
         self.new_index: dict[str, int] = {}
         self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
         self.popular = self._popular_tracks(model)
+        source = (model.manifest.get("input") or {}).get("source")
+        #: A model trained from the stream's own counts already holds them; one trained from a file
+        #: does not, so a user's full counts are the model's training counts plus what streamed.
+        self.stream_trained = source == "stream"
+        self._plays = self._training_plays(model)
+
+    def training_counts(self, user: str) -> dict[str, float]:
+        """The user's streams in the model's training data ({} for stream-trained models)."""
+        row = self.user_index.get(user)
+        if row is None or self.stream_trained or self._plays is None:
+            return {}
+        indptr, indices, counts = self._plays
+        start, stop = int(indptr[row]), int(indptr[row + 1])
+        return {str(self.item_ids[j]): float(c) for j, c in zip(indices[start:stop], counts[start:stop])}
+
+    def full_counts(self, user: str, streamed: Mapping[str, float]) -> dict[str, float]:
+        """Training counts (file-trained models) plus the streamed counts."""
+        full = self.training_counts(user)
+        for track, count in streamed.items():
+            full[track] = full.get(track, 0.0) + float(count)
+        return full
 
     # -- ids and vectors ---------------------------------------------------------------------
     def __contains__(self, track: str) -> bool:
@@ -240,6 +261,14 @@ class LiveModel:
             top,
             gram=self.item_gram,
         )
+
+    @staticmethod
+    def _training_plays(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        paths = [model.artifact(f"plays_{name}.npy") for name in ("indptr", "indices", "counts")]
+        if not all(p.is_file() for p in paths):
+            return None
+        indptr, indices, counts = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        return indptr, indices, counts
 
     @staticmethod
     def _popular_tracks(model: Model) -> list[tuple[str, int]]:

@@ -1,0 +1,56 @@
+"""Byte formats of the stream's tables and internal topics (msgpack / JSON; never pickle)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import numpy as np
+
+MODEL_UPDATES_TOPIC = "model-updates"
+TRACK_PLAYS_TOPIC = "track-plays"
+TRACK_VECTORS_TOPIC = "track-vectors"
+
+_LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
+
+
+def pack_counts(counts: dict[str, int]) -> bytes:
+    """A user's streams per track."""
+    return msgpack.packb(counts)
+
+
+def unpack_counts(raw: bytes | None) -> dict[str, int]:
+    return {} if raw is None else msgpack.unpackb(raw, **_LIMITS)
+
+
+def pack_vector(version: str, vector: np.ndarray) -> bytes:
+    """A folded-in vector with the model version it was solved against."""
+    return msgpack.packb({"v": version, "x": np.asarray(vector, dtype="<f4").tobytes()})
+
+
+def unpack_vector(raw: bytes | None) -> tuple[str, np.ndarray] | None:
+    if raw is None:
+        return None
+    body = msgpack.unpackb(raw, **_LIMITS)
+    return body["v"], np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
+
+
+def pack_message(body: dict[str, Any]) -> bytes:
+    return msgpack.packb(body)
+
+
+def unpack_message(raw: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(raw, **_LIMITS)
+
+
+def model_update(version: str, store: str) -> bytes:
+    """The announcement of a published model on topic `model-updates` (JSON, human-readable)."""
+    return json.dumps({"version": version, "store": store}).encode("utf-8")
+
+
+def parse_model_update(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw.decode("utf-8"))
+    if not isinstance(body, dict) or not isinstance(body.get("version"), str):
+        raise ValueError("a model update must be a JSON object with a string 'version'")
+    return body

@@ -1,0 +1,56 @@
+"""Prometheus metrics of a stream worker (served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class WorkerMetrics:
+    """One registry per worker, so several workers in one process (tests) do not mix figures."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("playrec_events_processed", "Valid play events applied to the counts", registry=r)
+        self.streams = Counter("playrec_streams_counted", "Plays that counted as streams (>= 30 s)", registry=r)
+        self.dead_letters = Counter(
+            "playrec_dead_letters", "Invalid events sent to the dead-letter topic", ["kind"], registry=r
+        )
+        self.user_fold_ins = Counter("playrec_user_fold_ins", "User vectors solved by fold-in", registry=r)
+        self.track_fold_ins = Counter("playrec_track_fold_ins", "New-track vectors solved by fold-in", registry=r)
+        self.batch_seconds = Histogram(
+            "playrec_batch_seconds",
+            "Time to process one micro-batch of play events",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "playrec_batch_events",
+            "Events per micro-batch",
+            buckets=(1, 10, 100, 1000, 5000, 10000, 20000, 50000),
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "playrec_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.lag = Gauge("playrec_consumer_lag", "Play events behind the end of the assigned partitions", registry=r)
+        self.model_loads = Counter("playrec_model_loads", "Model versions loaded (start-up and hot swaps)", registry=r)
+        self.new_tracks = Gauge("playrec_new_tracks", "Tracks folded in since the model was loaded", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+def dead_letter_kind(reason: str) -> str:
+    """A small, fixed label set for dead-letter reasons (the full reason travels in a header)."""
+    lowered = reason.lower()
+    for kind in ("undecodable", "payload", "missing", "key", "timestamp"):
+        if kind in lowered:
+            return kind
+    if "field" in lowered:
+        return "field"
+    if "ms_played" in lowered:
+        return "duration"
+    return "other"

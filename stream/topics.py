@@ -1,0 +1,64 @@
+"""Create the stream's topics up front with the partition counts the worker relies on."""
+
+from __future__ import annotations
+
+import logging
+
+from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_VECTORS_TOPIC
+from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC
+from stream.settings import SettingsError, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
+    """Create missing topics; refuse to run when `plays` has a different partition count.
+
+    The tables are partitioned like `plays`; a mismatch would put a user's counts on another
+    partition than their plays.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    P = settings.partitions
+    wanted = {
+        PLAYS_TOPIC: (P, {}),
+        DEAD_LETTER_TOPIC: (P, {}),
+        TRACK_PLAYS_TOPIC: (P, {}),
+        TRACK_VECTORS_TOPIC: (P, {"cleanup.policy": "compact"}),
+        MODEL_UPDATES_TOPIC: (1, {}),
+    }
+    sec = settings.security
+    kwargs = {}
+    if sec.protocol != "PLAINTEXT":
+        kwargs = {
+            "security_protocol": sec.protocol,
+            "ssl_context": sec.ssl_context(),
+            "sasl_mechanism": sec.sasl_mechanism,
+            "sasl_plain_username": sec.sasl_username,
+            "sasl_plain_password": sec.sasl_password,
+        }
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="playrec-topics", **kwargs)
+    try:
+        existing = admin.describe_topics(list(wanted))
+        have = {
+            t.get("name", t.get("topic")): len(t["partitions"])
+            for t in existing
+            if not t.get("error_code") and t["partitions"]
+        }
+        if PLAYS_TOPIC in have and have[PLAYS_TOPIC] != P:
+            raise SettingsError(
+                f"topic {PLAYS_TOPIC!r} has {have[PLAYS_TOPIC]} partitions but the worker is configured for {P}: "
+                f"run with --partitions {have[PLAYS_TOPIC]}"
+            )
+        missing = [
+            NewTopic(name, n, replication, topic_configs=cfg) for name, (n, cfg) in wanted.items() if name not in have
+        ]
+        for topic in missing:
+            try:
+                admin.create_topics([topic])
+                log.info("created topic %s (%d partitions)", topic.name, topic.num_partitions)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()

@@ -1,0 +1,376 @@
+"""The stream worker: Kafka play events -> counts -> exact fold-in -> live recommendations.
+
+One `StreamWorker` owns a faust app with:
+
+- the `plays` topic, consumed in micro-batches (stream.ingest.BatchIngest): events are validated
+  (invalid ones go to `plays.dead-letter` with their bytes and a reason), streams (>= 30 s) are
+  aggregated per user within the batch and added to the `user-plays` table (user -> {track: count});
+- user fold-in: every user whose counts changed in a batch gets the exact half-step against the
+  current item factors from their FULL counts, batched; vectors live in the `user-vectors` table so
+  they survive restarts and rebalances;
+- track fold-in: plays of tracks the model does not know are forwarded, with the listener's vector,
+  to `track-plays` (keyed by track); the owner of the track's partition keeps its listeners in the
+  `track-listeners` table and, from `min_listeners` distinct listeners on, solves the item half-step
+  and publishes the vector on the compacted `track-vectors` topic, which every worker reads and
+  inserts into its index;
+- the model: loaded (memory-mapped) from the store at start, swapped when `model-updates` announces
+  a version (or CURRENT changes), after which the worker re-folds its users against the new model.
+
+Tables are partitioned like `plays` (by user id), so the worker that counts a user's plays also
+holds the user's vector and answers for the user; requests reaching another worker are routed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import faust
+import numpy as np
+
+from batch.model_store import ModelStore, ModelStoreError
+from batch.plays import MIN_MS_PLAYED
+from stream.broadcast import BroadcastReader
+from stream.codec import (
+    MODEL_UPDATES_TOPIC,
+    TRACK_PLAYS_TOPIC,
+    TRACK_VECTORS_TOPIC,
+    pack_counts,
+    pack_message,
+    pack_vector,
+    parse_model_update,
+    unpack_counts,
+    unpack_message,
+    unpack_vector,
+)
+from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC, decode_play
+from stream.ingest import BatchIngest
+from stream.live_model import LiveModel
+from stream.metrics import WorkerMetrics, dead_letter_kind
+from stream.partitioning import KeyPartitioner
+from stream.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+#: Seconds between checks of the store's CURRENT pointer (a fallback for a missed announcement).
+CURRENT_POLL_S = 5.0
+#: Users re-folded per batch after a model swap.
+REFOLD_BATCH = 2000
+
+
+class StreamWorker:
+    """A faust worker serving playrec's speed layer; `app` is the faust.App to run."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.store = ModelStore(settings.store)
+        self.live: LiveModel | None = None
+        self.track_vectors: dict[str, np.ndarray] = {}
+        self.partitioner = KeyPartitioner(settings.partitions)
+        self._swap_lock = asyncio.Lock()
+        P = settings.partitions
+        self.app = app = faust.App(
+            settings.app_id,
+            broker=f"kafka://{settings.bootstrap}",
+            broker_credentials=settings.security.faust_credentials(),
+            store=settings.table_store,
+            datadir=str(settings.data_dir),
+            topic_partitions=P,
+            topic_replication_factor=1,
+            key_serializer="raw",
+            value_serializer="raw",
+            web_enabled=True,
+            web_bind=settings.host,
+            web_host=settings.host,
+            web_port=settings.port,
+            canonical_url=settings.url,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            table_standby_replicas=0,
+            web_in_thread=False,
+        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        # Changelog partitions come from the producer's murmur2 partitioner on the key bytes, the
+        # partitioner every standard Kafka client uses for keyed records: a user's counts, vector
+        # and plays share one partition number (records on another partition are dead-lettered).
+        table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
+        self.counts = app.Table("user-plays", **table)
+        self.vectors = app.Table("user-vectors", **table)
+        self.listeners = app.Table("track-listeners", **table)
+        self.dead_letter = app.topic(DEAD_LETTER_TOPIC, partitions=P, **raw)
+        self.track_plays = app.topic(TRACK_PLAYS_TOPIC, partitions=P, **raw)
+        self.plays_ingest = BatchIngest(
+            app, PLAYS_TOPIC, self.on_plays, max_batch=settings.max_batch, max_latency_s=settings.max_latency_s
+        )
+        self.track_ingest = BatchIngest(
+            app, TRACK_PLAYS_TOPIC, self.on_track_plays, max_batch=5000, max_latency_s=settings.max_latency_s
+        )
+        client_kwargs = settings.security.aiokafka_kwargs()
+        self.model_reader = BroadcastReader(
+            settings.bootstrap,
+            MODEL_UPDATES_TOPIC,
+            self.on_model_updates,
+            from_beginning=False,
+            client_kwargs=client_kwargs,
+        )
+        self.track_reader = BroadcastReader(
+            settings.bootstrap,
+            TRACK_VECTORS_TOPIC,
+            self.on_track_vectors,
+            from_beginning=True,
+            client_kwargs=client_kwargs,
+        )
+        app.task(self.model_reader.run)
+        app.task(self.track_reader.run)
+        app.timer(CURRENT_POLL_S)(self.poll_current)
+        app.timer(2.0)(self.update_lag)
+        from stream.web import register_views
+
+        register_views(self)
+        self.load_current()
+
+    # -- model ---------------------------------------------------------------------------------
+    def load_current(self) -> bool:
+        """Load the store's CURRENT version if it differs from the live one; True when swapped."""
+        try:
+            version = self.store.current_version()
+        except ModelStoreError as exc:
+            if self.live is None:
+                log.warning("no model yet (%s); counting plays and waiting for a model", exc)
+            return False
+        if self.live is not None and self.live.version == version:
+            return False
+        return self._swap(version)
+
+    def _swap(self, version: str) -> bool:
+        try:
+            model = self.store.load(version)
+        except ModelStoreError as exc:
+            log.error("cannot load model %s: %s; keeping %s", version, exc, self.live and self.live.version)
+            return False
+        live = LiveModel(model, search_k=self.settings.search_k)
+        if self.track_vectors:
+            live.add_tracks({t: v for t, v in self.track_vectors.items() if t not in live.item_index})
+        self.live = live  # one assignment: requests see the old or the new model, never a mix
+        self.metrics.model_loads.inc()
+        self.metrics.new_tracks.set(len(live.new_ids))
+        log.info(
+            "model %s live: %d users x %d tracks, %d folded-in tracks",
+            version,
+            len(model.user_ids),
+            len(model.item_ids),
+            len(live.new_ids),
+        )
+        return True
+
+    async def poll_current(self) -> None:
+        await self._load_and_refold(None)
+
+    async def on_model_updates(self, records: list[Any]) -> None:
+        for record in records:
+            try:
+                update = parse_model_update(record.value)
+            except ValueError as exc:
+                log.warning("ignoring a malformed model update at offset %s: %s", record.offset, exc)
+                continue
+            await self._load_and_refold(update["version"])
+
+    async def _load_and_refold(self, version: str | None) -> None:
+        async with self._swap_lock:
+            loop = asyncio.get_running_loop()
+            if version is None:
+                swapped = await loop.run_in_executor(None, self.load_current)
+            elif self.live is not None and self.live.version == version:
+                return
+            else:
+                swapped = await loop.run_in_executor(None, self._swap, version)
+            if swapped:
+                await self.refold_local_users()
+
+    async def refold_local_users(self) -> None:
+        """After a swap: re-solve every user this worker holds counts for against the new model."""
+        live = self.live
+        if live is None:
+            return
+        users = [key for key, _ in self.counts.items()]
+        for start in range(0, len(users), REFOLD_BATCH):
+            chunk = users[start : start + REFOLD_BATCH]
+            counts = {k.decode(): live.full_counts(k.decode(), unpack_counts(self.counts.get(k))) for k in chunk}
+            vectors = live.fold_in_users(counts)
+            for user, vector in vectors.items():
+                self.vectors[user.encode()] = pack_vector(live.version, vector)
+            self.metrics.user_fold_ins.inc(len(vectors))
+            await asyncio.sleep(0)  # let requests in between chunks
+        log.info("re-folded %d users against model %s", len(users), live.version)
+
+    # -- plays ---------------------------------------------------------------------------------
+    async def on_plays(self, batch: list[Any]) -> None:
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        streams: dict[str, dict[str, int]] = defaultdict(dict)
+        valid = 0
+        partition_of = self.partitioner
+        for message in batch:
+            event, reason = decode_play(message.key, message.value, now_ms)
+            if event is None:
+                await self._dead_letter(message, reason)
+                continue
+            expected = partition_of(message.key)
+            if message.partition != expected:
+                await self._dead_letter(
+                    message,
+                    f"record on partition {message.partition} but its key hashes to {expected}: "
+                    "produce with the default (murmur2) partitioner",
+                )
+                continue
+            valid += 1
+            if event.ms_played >= MIN_MS_PLAYED:
+                per_user = streams[event.user]
+                per_user[event.track] = per_user.get(event.track, 0) + 1
+        changed: dict[str, dict[str, int]] = {}
+        for user, added in streams.items():
+            key = user.encode()
+            current = unpack_counts(self.counts.get(key))
+            for track, n in added.items():
+                current[track] = current.get(track, 0) + n
+            self.counts[key] = pack_counts(current)
+            changed[user] = current
+        if changed and self.live is not None:
+            await self._fold_in(changed, streams)
+        self.metrics.events.inc(valid)
+        self.metrics.streams.inc(sum(sum(a.values()) for a in streams.values()))
+        self.metrics.batch_events.observe(len(batch))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _dead_letter(self, message: Any, reason: str) -> None:
+        self.metrics.dead_letters.labels(dead_letter_kind(reason)).inc()
+        headers = [
+            ("reason", reason.encode("utf-8", "replace")),
+            ("source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        ]
+        await self.dead_letter.send(key=message.key, value=message.value or b"", headers=headers)
+
+    async def _fold_in(self, changed: dict[str, dict[str, int]], added: dict[str, dict[str, int]]) -> None:
+        live = self.live
+        full = {user: live.full_counts(user, counts) for user, counts in changed.items()}
+        vectors = live.fold_in_users(full)
+        for user, vector in vectors.items():
+            key = user.encode()
+            previous = unpack_vector(self.vectors.get(key))
+            old = previous[1] if previous and previous[0] == live.version else live.model_user_vector(user)
+            live.user_moved(old, vector)
+            self.vectors[key] = pack_vector(live.version, vector)
+        self.metrics.user_fold_ins.inc(len(vectors))
+        # plays of tracks the model does not know go to the track side, with the listener's vector
+        for user, tracks in added.items():
+            vector = vectors.get(user)
+            for track in tracks:
+                if track in live.item_index:
+                    continue
+                body = {
+                    "track": track,
+                    "user": user,
+                    "count": int(changed[user][track]),
+                    "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
+                }
+                await self.track_plays.send(key=track.encode(), value=pack_message(body))
+
+    # -- new tracks ----------------------------------------------------------------------------
+    async def on_track_plays(self, batch: list[Any]) -> None:
+        live = self.live
+        touched: dict[str, Any] = {}
+        state: dict[str, dict] = {}
+        for message in batch:
+            try:
+                body = unpack_message(message.value)
+                track, user = str(body["track"]), str(body["user"])
+            except Exception as exc:  # written by our own workers; report, never stop
+                log.warning("malformed track-play at %s/%s: %s", message.partition, message.offset, exc)
+                continue
+            if track not in state:
+                raw = self.listeners.get(track.encode())
+                state[track] = unpack_message(raw) if raw is not None else {}
+            entry = state[track].get(user, [0, None])
+            entry[0] = int(body["count"])
+            if body.get("x") is not None:
+                entry[1] = body["x"]
+            state[track][user] = entry
+            touched[track] = message
+        ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for track in touched:
+            self.listeners[track.encode()] = pack_message(state[track])
+            with_vectors = [(c, x) for c, x in state[track].values() if x is not None and c > 0]
+            if live is not None and len(with_vectors) >= self.settings.min_listeners and track not in live.item_index:
+                ready[track] = (
+                    np.stack([np.frombuffer(x, "<f4") for _, x in with_vectors]).astype(np.float32),
+                    np.array([c for c, _ in with_vectors], np.float32),
+                )
+        if ready:
+            solved = live.fold_in_tracks(ready)
+            self.metrics.track_fold_ins.inc(len(solved))
+            producer = self.app.producer
+            for track, vector in solved.items():
+                body = {
+                    "track": track,
+                    "x": np.asarray(vector, "<f4").tobytes(),
+                    "listeners": len(ready[track][1]),
+                    "version": live.version,
+                }
+                await producer.send(
+                    TRACK_VECTORS_TOPIC,
+                    track.encode(),
+                    pack_message(body),
+                    partition=None,
+                    timestamp=None,
+                    headers=None,
+                )
+
+    async def on_track_vectors(self, records: list[Any]) -> None:
+        fresh: dict[str, np.ndarray] = {}
+        for record in records:
+            try:
+                body = unpack_message(record.value)
+                vector = np.frombuffer(body["x"], "<f4").astype(np.float32)
+                track = str(body["track"])
+            except Exception as exc:
+                log.warning("malformed track vector at offset %s: %s", record.offset, exc)
+                continue
+            self.track_vectors[track] = vector
+            fresh[track] = vector
+        live = self.live
+        if live is not None and fresh:
+            live.add_tracks({t: v for t, v in fresh.items() if t not in live.item_index and len(v) == live.k})
+            self.metrics.new_tracks.set(len(live.new_ids))
+
+    # -- health --------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): a model is live and this worker holds its partitions, not rebalancing."""
+        if self.live is None:
+            return False, "no model loaded"
+        app = self.app
+        if app.rebalancing:
+            return False, "rebalancing"
+        try:
+            assignment = app.consumer.assignment()
+        except Exception:
+            return False, "consumer not started"
+        if not any(tp.topic == PLAYS_TOPIC for tp in assignment):
+            return False, "no partitions of plays assigned yet"
+        if not app.tables.recovery.completed.is_set():
+            return False, "recovering tables"
+        return True, "ready"
+
+    async def update_lag(self) -> None:
+        try:
+            consumer = self.app.consumer
+            assigned = [tp for tp in consumer.assignment() if tp.topic == PLAYS_TOPIC]
+            highwater = sum(consumer.highwater(tp) or 0 for tp in assigned)
+            committed = sum(consumer._committed_offset.get(tp) or 0 for tp in assigned)
+            self.metrics.lag.set(max(0, highwater - committed))
+        except Exception:  # metrics must never break the worker
+            log.debug("lag update failed", exc_info=True)
