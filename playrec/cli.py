@@ -257,11 +257,22 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="distinct listeners before a new track is folded in (default 5)",
     )
     parser.add_argument("--search-k", type=_positive_int, default=None, help="forest candidates per query")
+    parser.add_argument(
+        "--session-timeout",
+        type=float,
+        default=30.0,
+        help="seconds before a silent worker's partitions move to the others (default 30)",
+    )
+    parser.add_argument(
+        "--topic-prefix",
+        default=env("PLAYREC_TOPIC_PREFIX", ""),
+        help="prefix of every topic name, to separate tenants or test runs (default none)",
+    )
     parser.add_argument("--loglevel", default="info", choices=("debug", "info", "warn", "error"))
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from stream.settings import KafkaSecurity, SettingsError, WorkerSettings
+    from stream.settings import KafkaSecurity, SettingsError, Topics, WorkerSettings
 
     if args.store is None:
         raise CliError("no model store: pass --store DIR or set PLAYREC_STORE")
@@ -285,14 +296,19 @@ def run_worker(args: argparse.Namespace) -> int:
             table_store=table_store,
             min_listeners=args.min_listeners,
             search_k=args.search_k,
+            session_timeout_s=args.session_timeout,
             security=KafkaSecurity.from_env(),
+            topics=Topics(args.topic_prefix),
         )
         settings.validate()
     except SettingsError as exc:
         raise CliError(str(exc)) from None
     from stream.runner import run_worker as run
 
-    return run(settings, args.loglevel)
+    try:
+        return run(settings, args.loglevel)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

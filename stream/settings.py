@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_VECTORS_TOPIC
+from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC
+
 
 class SettingsError(ValueError):
     """The worker cannot start with this configuration."""
@@ -92,6 +95,33 @@ class KafkaSecurity:
 
 
 @dataclass(frozen=True)
+class Topics:
+    """Topic names; `prefix` (default none) separates tenants or test runs on one broker."""
+
+    prefix: str = ""
+
+    @property
+    def plays(self) -> str:
+        return self.prefix + PLAYS_TOPIC
+
+    @property
+    def dead_letter(self) -> str:
+        return self.prefix + DEAD_LETTER_TOPIC
+
+    @property
+    def track_plays(self) -> str:
+        return self.prefix + TRACK_PLAYS_TOPIC
+
+    @property
+    def track_vectors(self) -> str:
+        return self.prefix + TRACK_VECTORS_TOPIC
+
+    @property
+    def model_updates(self) -> str:
+        return self.prefix + MODEL_UPDATES_TOPIC
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Everything a stream worker needs; see `playrec worker --help` for the meaning of each."""
 
@@ -107,7 +137,9 @@ class WorkerSettings:
     max_batch: int = 20_000
     max_latency_s: float = 0.02
     search_k: int | None = None
+    session_timeout_s: float = 30.0
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    topics: Topics = field(default_factory=Topics)
 
     def validate(self) -> None:
         if not self.bootstrap:
@@ -116,6 +148,10 @@ class WorkerSettings:
             raise SettingsError(f"--port must be a TCP port, got {self.port}")
         if self.partitions < 1:
             raise SettingsError(f"--partitions must be >= 1, got {self.partitions}")
+        if not 6.0 <= self.session_timeout_s <= 300.0:
+            raise SettingsError(
+                f"--session-timeout must be 6 to 300 s (the broker's limits), got {self.session_timeout_s}"
+            )
         if self.min_listeners < 1:
             raise SettingsError(f"--min-listeners must be >= 1, got {self.min_listeners}")
         self.security.validate()

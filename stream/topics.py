@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_VECTORS_TOPIC
-from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC
 from stream.settings import SettingsError, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -21,12 +19,14 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
     from kafka.errors import TopicAlreadyExistsError
 
     P = settings.partitions
+    names = settings.topics
+    plays = names.plays
     wanted = {
-        PLAYS_TOPIC: (P, {}),
-        DEAD_LETTER_TOPIC: (P, {}),
-        TRACK_PLAYS_TOPIC: (P, {}),
-        TRACK_VECTORS_TOPIC: (P, {"cleanup.policy": "compact"}),
-        MODEL_UPDATES_TOPIC: (1, {}),
+        plays: (P, {}),
+        names.dead_letter: (P, {}),
+        names.track_plays: (P, {}),
+        names.track_vectors: (P, {"cleanup.policy": "compact"}),
+        names.model_updates: (1, {}),
     }
     sec = settings.security
     kwargs = {}
@@ -46,10 +46,10 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
             for t in existing
             if not t.get("error_code") and t["partitions"]
         }
-        if PLAYS_TOPIC in have and have[PLAYS_TOPIC] != P:
+        if plays in have and have[plays] != P:
             raise SettingsError(
-                f"topic {PLAYS_TOPIC!r} has {have[PLAYS_TOPIC]} partitions but the worker is configured for {P}: "
-                f"run with --partitions {have[PLAYS_TOPIC]}"
+                f"topic {plays!r} has {have[plays]} partitions but the worker is configured for {P}: "
+                f"run with --partitions {have[plays]}"
             )
         missing = [
             NewTopic(name, n, replication, topic_configs=cfg) for name, (n, cfg) in wanted.items() if name not in have

@@ -229,7 +229,12 @@ def register_views(worker: StreamWorker) -> None:
         async def get(self, request: web.Request) -> web.Response:
             ready, reason = worker.readiness()
             live = worker.live
-            body = {"ready": ready, "reason": reason, "version": live.version if live else None}
+            body = {
+                "ready": ready,
+                "reason": reason,
+                "version": live.version if live else None,
+                "partitions": worker.assigned_partitions(),
+            }
             return self.json(body, status=200 if ready else 503)
 
     @app.page("/metrics")

@@ -35,9 +35,6 @@ from batch.model_store import ModelStore, ModelStoreError
 from batch.plays import MIN_MS_PLAYED
 from stream.broadcast import BroadcastReader
 from stream.codec import (
-    MODEL_UPDATES_TOPIC,
-    TRACK_PLAYS_TOPIC,
-    TRACK_VECTORS_TOPIC,
     pack_counts,
     pack_message,
     pack_vector,
@@ -46,7 +43,7 @@ from stream.codec import (
     unpack_message,
     unpack_vector,
 )
-from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC, decode_play
+from stream.events import decode_play
 from stream.ingest import BatchIngest
 from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
@@ -74,6 +71,7 @@ class StreamWorker:
         self.partitioner = KeyPartitioner(settings.partitions)
         self._swap_lock = asyncio.Lock()
         P = settings.partitions
+        self.topics = topics = settings.topics
         self.app = app = faust.App(
             settings.app_id,
             broker=f"kafka://{settings.bootstrap}",
@@ -92,6 +90,9 @@ class StreamWorker:
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             table_standby_replicas=0,
+            broker_session_timeout=settings.session_timeout_s,
+            broker_heartbeat_interval=max(1.0, settings.session_timeout_s / 10),
+            broker_request_timeout=max(90.0, settings.session_timeout_s + 30),
             web_in_thread=False,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -102,25 +103,25 @@ class StreamWorker:
         self.counts = app.Table("user-plays", **table)
         self.vectors = app.Table("user-vectors", **table)
         self.listeners = app.Table("track-listeners", **table)
-        self.dead_letter = app.topic(DEAD_LETTER_TOPIC, partitions=P, **raw)
-        self.track_plays = app.topic(TRACK_PLAYS_TOPIC, partitions=P, **raw)
+        self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)
+        self.track_plays = app.topic(topics.track_plays, partitions=P, **raw)
         self.plays_ingest = BatchIngest(
-            app, PLAYS_TOPIC, self.on_plays, max_batch=settings.max_batch, max_latency_s=settings.max_latency_s
+            app, topics.plays, self.on_plays, max_batch=settings.max_batch, max_latency_s=settings.max_latency_s
         )
         self.track_ingest = BatchIngest(
-            app, TRACK_PLAYS_TOPIC, self.on_track_plays, max_batch=5000, max_latency_s=settings.max_latency_s
+            app, topics.track_plays, self.on_track_plays, max_batch=5000, max_latency_s=settings.max_latency_s
         )
         client_kwargs = settings.security.aiokafka_kwargs()
         self.model_reader = BroadcastReader(
             settings.bootstrap,
-            MODEL_UPDATES_TOPIC,
+            topics.model_updates,
             self.on_model_updates,
             from_beginning=False,
             client_kwargs=client_kwargs,
         )
         self.track_reader = BroadcastReader(
             settings.bootstrap,
-            TRACK_VECTORS_TOPIC,
+            topics.track_vectors,
             self.on_track_vectors,
             from_beginning=True,
             client_kwargs=client_kwargs,
@@ -322,7 +323,7 @@ class StreamWorker:
                     "version": live.version,
                 }
                 await producer.send(
-                    TRACK_VECTORS_TOPIC,
+                    self.topics.track_vectors,
                     track.encode(),
                     pack_message(body),
                     partition=None,
@@ -359,16 +360,23 @@ class StreamWorker:
             assignment = app.consumer.assignment()
         except Exception:
             return False, "consumer not started"
-        if not any(tp.topic == PLAYS_TOPIC for tp in assignment):
+        if not any(tp.topic == self.topics.plays for tp in assignment):
             return False, "no partitions of plays assigned yet"
         if not app.tables.recovery.completed.is_set():
             return False, "recovering tables"
         return True, "ready"
 
+    def assigned_partitions(self) -> list[int]:
+        """Partitions of `plays` this worker holds now."""
+        try:
+            return sorted(tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topics.plays)
+        except Exception:  # consumer not started yet
+            return []
+
     async def update_lag(self) -> None:
         try:
             consumer = self.app.consumer
-            assigned = [tp for tp in consumer.assignment() if tp.topic == PLAYS_TOPIC]
+            assigned = [tp for tp in consumer.assignment() if tp.topic == self.topics.plays]
             highwater = sum(consumer.highwater(tp) or 0 for tp in assigned)
             committed = sum(consumer._committed_offset.get(tp) or 0 for tp in assigned)
             self.metrics.lag.set(max(0, highwater - committed))

@@ -1,0 +1,243 @@
+"""The stream workers end to end on the real broker: counting, dead letters, fold-in, new tracks,
+model hot swap, restart recovery, two workers splitting partitions and taking over.
+
+The tests of this module share one model store and one topic prefix and run in order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from batch.als import AlsParams
+from batch.model_store import ModelStore
+from batch.plays import PlayCounts
+from batch.training import train_and_publish
+from stream.codec import model_update
+from stream.events import MAX_PAYLOAD_BYTES, encode_play
+from stream.live_model import LiveModel
+
+from ..unit.synthetic import random_plays
+from .workers import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+N_USERS, N_TRACKS = 150, 100
+PARAMS = AlsParams(factors=8, iterations=5, seed=2)
+NOW_MS = int(time.time() * 1000)
+
+
+class Shared:
+    """State the ordered tests of this module hand to each other."""
+
+    expected: dict[str, dict[str, int]]
+    worker: WorkerProcess
+    n_valid = 0
+    n_bad = 0
+
+
+@pytest.fixture(scope="module")
+def env(kafka_bootstrap, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    store = ModelStore(root / "store")
+    plays = random_plays(N_USERS, N_TRACKS, 0.08, seed=11)
+    counts = PlayCounts(
+        plays, np.array([f"u{i}" for i in range(N_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
+    )
+    train_and_publish(counts, store, PARAMS, holdout=0, show_progress=False)
+    prefix = f"it-{uuid.uuid4().hex[:8]}-"
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks="all")
+    shared = Shared()
+    shared.expected = {}
+    workers: list[WorkerProcess] = []
+
+    def start(name: str = "w", **flags) -> WorkerProcess:
+        worker = WorkerProcess(
+            kafka_bootstrap,
+            store.root,
+            prefix,
+            f"{prefix}app",
+            root / name,
+            session_timeout=6,
+            min_listeners=5,
+            **flags,
+        )
+        workers.append(worker)
+        return worker
+
+    yield {
+        "store": store,
+        "prefix": prefix,
+        "producer": producer,
+        "bootstrap": kafka_bootstrap,
+        "start": start,
+        "shared": shared,
+        "plays": plays,
+    }
+    producer.close()
+    for worker in workers:
+        worker.stop()
+
+
+def send_play(env, user: str, track: str, ms_played: int = 200_000, expected: bool = True) -> None:
+    key, value = encode_play(user, track, NOW_MS, ms_played)
+    env["producer"].send(env["prefix"] + "plays", key=key, value=value)
+    shared = env["shared"]
+    shared.n_valid += 1
+    if expected and ms_played >= 30_000:
+        per_user = shared.expected.setdefault(user, {})
+        per_user[track] = per_user.get(track, 0) + 1
+
+
+def malformed(rng: random.Random, i: int) -> tuple[bytes, bytes]:
+    good = msgpack.packb({"user": f"bad{i}", "track": "t1", "ts": NOW_MS, "ms_played": 40_000})
+    kind = i % 5
+    if kind == 0:
+        return b"bad%d" % i, good[: rng.randint(1, len(good) - 1)]  # truncated
+    if kind == 1:
+        return b"bad%d" % i, msgpack.packb({"user": f"bad{i}", "track": 7, "ts": NOW_MS, "ms_played": 40_000})
+    if kind == 2:
+        return b"bad%d" % i, msgpack.packb(
+            {"user": f"bad{i}", "track": "x" * (MAX_PAYLOAD_BYTES + 10), "ts": 1, "ms_played": 1}
+        )
+    if kind == 3:
+        return b"bad%d" % i, msgpack.packb({"user": f"bad{i}", "track": "t1", "ts": NOW_MS, "ms_played": -5})
+    return b"bad%d" % i, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))) + b"\xc1"
+
+
+def test_counts_dead_letters_and_fold_in(env):
+    shared = env["shared"]
+    worker = shared.worker = env["start"]("a")
+    worker.wait_ready()
+    rng = random.Random(5)
+    n_bad = 10_000
+    for i in range(n_bad):
+        if i % 2 == 0:  # valid events interleaved with the malformed ones
+            user = f"u{rng.randrange(N_USERS)}" if i % 4 else f"s{rng.randrange(40)}"
+            send_play(env, user, f"t{rng.randrange(N_TRACKS)}", ms_played=rng.choice([200_000, 31_000, 10_000]))
+        key, value = malformed(rng, i)
+        env["producer"].send(env["prefix"] + "plays", key=key, value=value)
+    env["producer"].flush()
+    shared.n_bad = n_bad
+    wait_for(lambda: worker.metric("playrec_events_processed_total") >= shared.n_valid, 120, "all valid events")
+    wait_for(lambda: worker.metric("playrec_dead_letters_total") >= n_bad, 60, "all dead letters")
+    assert worker.metric("playrec_events_processed_total") == shared.n_valid
+    assert worker.metric("playrec_dead_letters_total") == n_bad
+    for user, counts in shared.expected.items():
+        assert worker.get(f"/users/{user}/plays") == {"user": user, "plays": counts}
+    # every malformed record is in the dead-letter topic, bytes intact, with a reason
+    consumer = KafkaConsumer(
+        env["prefix"] + "plays.dead-letter",
+        bootstrap_servers=env["bootstrap"],
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=15_000,
+    )
+    letters = []
+    for record in consumer:
+        letters.append(record)
+        if len(letters) >= n_bad:
+            break
+    consumer.close()
+    assert len(letters) == n_bad
+    assert {r.key for r in letters} == {b"bad%d" % i for i in range(n_bad)}  # one key per malformed record
+    assert all(dict(r.headers).get("reason") for r in letters)
+    # a user known only from the stream is served by fold-in, exactly as the half-step computes it
+    user = next(u for u in shared.expected if u.startswith("s"))
+    body = worker.get(f"/users/{user}/recommendations?k=5")
+    assert body["source"] == "fold-in"
+    live = LiveModel(env["store"].load(), use_index=False)
+    vector = live.fold_in_users({user: shared.expected[user]})[user]
+    want = live.recommend(vector, 5, exclude=shared.expected[user])
+    assert [i["track"] for i in body["items"]] == [s.track for s in want]
+    np.testing.assert_allclose([i["score"] for i in body["items"]], [s.score for s in want], rtol=1e-3, atol=1e-5)
+    assert not set(shared.expected[user]) & {i["track"] for i in body["items"]}
+    # a model user with new streams: fold-in from training + streamed counts
+    model_user = next(u for u in shared.expected if u.startswith("u"))
+    assert worker.get(f"/users/{model_user}/recommendations?k=3")["source"] == "fold-in"
+    # a user never seen: popularity, marked as such
+    assert worker.get("/users/nobody-at-all/recommendations?k=3")["source"] == "popularity"
+    status, body = worker.request("/users/x/recommendations?k=0")
+    assert status == 400 and "k must be" in body["error"]
+    status, _ = worker.request("/tracks/no-such-track/similar")
+    assert status == 404
+
+
+def test_new_track_becomes_recommendable(env):
+    worker = env["shared"].worker
+    listeners = [f"u{i}" for i in range(5)]
+    for user in listeners[:4]:
+        send_play(env, user, "fresh-track")
+    env["producer"].flush()
+    wait_for(lambda: worker.metric("playrec_events_processed_total") >= env["shared"].n_valid, 60, "plays applied")
+    status, _ = worker.request("/tracks/fresh-track/similar")
+    assert status == 404  # four listeners: not yet
+    send_play(env, listeners[4], "fresh-track")
+    env["producer"].flush()
+    wait_for(lambda: worker.request("/tracks/fresh-track/similar?k=3")[0] == 200, 60, "the new track's vector")
+    assert worker.metric("playrec_new_tracks") == 1
+    status, body = worker.request("/recommendations?k=5", "POST", b'{"tracks": ["fresh-track"]}')
+    assert status == 200 and body["source"] == "fold-in" and "fresh-track" not in [i["track"] for i in body["items"]]
+
+
+def test_model_hot_swap(env):
+    worker, store = env["shared"].worker, env["store"]
+    old = worker.get("/ready")["version"]
+    plays = env["plays"]
+    counts = PlayCounts(
+        plays, np.array([f"u{i}" for i in range(N_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
+    )
+    report = train_and_publish(
+        counts, store, AlsParams(factors=8, iterations=5, seed=3), holdout=0, show_progress=False
+    )
+    assert report.version != old
+    env["producer"].send(env["prefix"] + "model-updates", value=model_update(report.version, str(store.root)))
+    env["producer"].flush()
+    wait_for(lambda: worker.get("/ready")["version"] == report.version, 60, "the new model to go live")
+    user = next(u for u in env["shared"].expected if u.startswith("s"))
+    body = worker.get(f"/users/{user}/recommendations?k=3")
+    assert body["version"] == report.version and body["source"] == "fold-in"
+    assert worker.request("/tracks/fresh-track/similar?k=3")[0] == 200  # folded-in tracks survive the swap
+
+
+def test_restart_recovers_tables_exactly(env):
+    shared = env["shared"]
+    shared.worker.stop()
+    worker = shared.worker = env["start"]("a2")
+    worker.wait_ready()
+    for user, counts in shared.expected.items():
+        got = wait_for(lambda u=user: worker.get(f"/users/{u}/plays")["plays"] or None, 30, f"counts of {user}")
+        assert got == counts, user
+
+
+def test_two_workers_split_partitions_and_take_over(env):
+    shared = env["shared"]
+    a = shared.worker
+    b = env["start"]("b")
+    b.wait_ready()
+
+    def split():
+        ra, rb = a.ready(), b.ready()  # None while rebalancing
+        if not (ra and rb):
+            return None
+        pa, pb = ra["partitions"], rb["partitions"]
+        return pa and pb and sorted(pa + pb) == list(range(8)) and (pa, pb)
+
+    pa, pb = wait_for(split, 90, "both workers to own partitions")
+    assert not set(pa) & set(pb)
+    # any worker answers for any user (routed to the owner)
+    for user, counts in list(shared.expected.items())[:40]:
+        assert a.get(f"/users/{user}/plays")["plays"] == counts
+        assert b.get(f"/users/{user}/plays")["plays"] == counts
+    b.kill()
+    wait_for(lambda: (a.ready() or {}).get("partitions") == list(range(8)), 90, "worker a to take over")
+    send_play(env, "after-takeover", "t1")
+    env["producer"].flush()
+    for user, counts in shared.expected.items():
+        got = wait_for(lambda u=user: a.get(f"/users/{u}/plays")["plays"] or None, 60, f"counts of {user}")
+        assert got == counts, user

@@ -1,0 +1,131 @@
+"""Run `playrec worker` processes for integration tests and talk to them over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], deadline_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Poll `condition` until it returns a truthy value or the deadline passes (then fail)."""
+    end = time.monotonic() + deadline_s
+    last: Any = None
+    while time.monotonic() < end:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what} (last: {last!r})")
+
+
+class WorkerProcess:
+    """One `playrec worker` subprocess with its own port and state directory."""
+
+    def __init__(self, bootstrap: str, store: Path, prefix: str, app_id: str, state: Path, **flags: Any) -> None:
+        self.port = free_port()
+        self.log_path = state / f"worker-{self.port}.log"
+        state.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "playrec.cli",
+            "worker",
+            "--store",
+            str(store),
+            "--bootstrap",
+            bootstrap,
+            "--port",
+            str(self.port),
+            "--topic-prefix",
+            prefix,
+            "--app-id",
+            app_id,
+            "--data-dir",
+            str(state / f"data-{self.port}"),
+            "--table-store",
+            "memory://",
+        ]
+        for name, value in flags.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def request(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url(path), data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                raw, status = response.read(), response.status
+        except urllib.error.HTTPError as exc:
+            raw, status = exc.read(), exc.code
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, None
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode("utf-8", "replace")
+
+    def get(self, path: str) -> Any:
+        status, body = self.request(path)
+        assert status == 200, f"GET {path} -> {status}: {body}"
+        return body
+
+    def ready(self) -> dict | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
+        status, body = self.request("/ready")
+        return body if status == 200 else None
+
+    def wait_ready(self, deadline_s: float = 90) -> dict:
+        return wait_for(self.ready, deadline_s, f"worker on port {self.port} to be ready")
+
+    def metric(self, name: str) -> float:
+        status, text = self.request("/metrics")
+        if status != 200:
+            return 0.0
+        total = 0.0
+        for line in str(text).splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                head, value = line.rsplit(" ", 1)
+                if head == name or head.startswith(name + "{"):
+                    total += float(value)
+        return total
+
+    def tail(self, lines: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, deadline_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(deadline_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
