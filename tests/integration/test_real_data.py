@@ -1,10 +1,13 @@
 """Training on the real data sets in ../shared/data (never copied into the repository)."""
+
 import os
 from pathlib import Path
 
 import pytest
 
-from batch.als import AlsParams
+from batch.als import AlsParams, train_als
+from batch.evaluation import holdout_split, ranking_metrics
+from batch.foldin import fold_in_users
 from batch.plays import read_play_counts
 from batch.training import evaluate_params
 
@@ -35,3 +38,15 @@ def test_movielens_time_split_beats_popularity():
     metrics, popularity, _ = evaluate_params(counts, AlsParams(iterations=15), 0.2, show_progress=False)
     assert metrics.precision > popularity.precision
     assert metrics.mpr < popularity.mpr
+
+
+def test_lastfm_users_folded_in_rank_like_batch_trained_ones():
+    """Fold every user in from their training plays against the batch item factors: P@10 within 2%."""
+    counts = read_play_counts(require(LASTFM))
+    params = AlsParams(iterations=15)
+    train, test = holdout_split(counts.matrix, 0.2, seed=0)
+    model = train_als(train, params, show_progress=False)
+    batch = ranking_metrics(model.user_factors, model.item_factors, train, test)
+    folded = fold_in_users(train, model.item_factors, params)
+    again = ranking_metrics(folded, model.item_factors, train, test)
+    assert abs(again.precision - batch.precision) <= 0.02 * batch.precision
