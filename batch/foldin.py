@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from batch.als import AlsParams
 from batch.confidence import confidence_matrix
-from batch.solvers import half_step
+from batch.exact import solve_rows_exact
 
 
 class FoldInError(ValueError):
@@ -26,7 +26,6 @@ def fold_in(
     fixed_factors: np.ndarray,
     params: AlsParams,
     gram: np.ndarray | None = None,
-    n_threads: int | None = 1,
 ) -> np.ndarray:
     """Solve many rows at once: plays (n_rows, n_fixed) stream counts -> (n_rows, k) float32 factors.
 
@@ -44,8 +43,12 @@ def fold_in(
     if plays.data.size and plays.data.min() < 0:
         raise FoldInError("play counts must be >= 0")
     cm1 = confidence_matrix(plays, params.alpha, params.confidence, params.eps)
-    start = np.zeros((plays.shape[0], fixed_factors.shape[1]), dtype=np.float32)
-    return half_step(cm1, fixed_factors, start, params.reg, "cholesky", n_threads=n_threads, gram=gram)
+    k = fixed_factors.shape[1]
+    if gram is None:
+        Y = np.asarray(fixed_factors, dtype=np.float64)
+        gram = Y.T @ Y
+    gram_reg = np.asarray(gram, dtype=np.float64) + params.reg * np.eye(k)
+    return solve_rows_exact(cm1.indptr, cm1.indices, cm1.data.astype(np.float64), fixed_factors, gram_reg)
 
 
 def fold_in_users(

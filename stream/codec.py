@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -15,25 +15,27 @@ TRACK_VECTORS_TOPIC = "track-vectors"
 _LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
 
 
-def pack_counts(counts: dict[str, int]) -> bytes:
-    """A user's streams per track."""
-    return msgpack.packb(counts)
+class UserState(NamedTuple):
+    """A user's streamed counts per track and their folded-in vector (with its model version)."""
+
+    counts: dict[str, int]
+    version: str | None = None
+    vector: np.ndarray | None = None
+    offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
 
 
-def unpack_counts(raw: bytes | None) -> dict[str, int]:
-    return {} if raw is None else msgpack.unpackb(raw, **_LIMITS)
+def pack_user(state: UserState) -> bytes:
+    """One table value per user, so a batch writes one changelog record per changed user."""
+    vector = None if state.vector is None else np.asarray(state.vector, dtype="<f4").tobytes()
+    return msgpack.packb({"c": state.counts, "v": state.version, "x": vector, "o": state.offset})
 
 
-def pack_vector(version: str, vector: np.ndarray) -> bytes:
-    """A folded-in vector with the model version it was solved against."""
-    return msgpack.packb({"v": version, "x": np.asarray(vector, dtype="<f4").tobytes()})
-
-
-def unpack_vector(raw: bytes | None) -> tuple[str, np.ndarray] | None:
+def unpack_user(raw: bytes | None) -> UserState:
     if raw is None:
-        return None
+        return UserState({})
     body = msgpack.unpackb(raw, **_LIMITS)
-    return body["v"], np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
+    vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
+    return UserState(body["c"], body.get("v"), vector, int(body.get("o", -1)))
 
 
 def pack_message(body: dict[str, Any]) -> bytes:

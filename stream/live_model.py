@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: How many of the most-listened tracks are kept for the popularity fallback.
 POPULAR_KEPT = 1000
+#: Users whose training counts are kept decoded in memory (the stream's active users).
+TRAINING_CACHE_USERS = 100_000
 
 
 class UnknownTrackError(KeyError):
@@ -73,15 +75,23 @@ class LiveModel:
         #: does not, so a user's full counts are the model's training counts plus what streamed.
         self.stream_trained = source == "stream"
         self._plays = self._training_plays(model)
+        self._training_cache: dict[str, dict[str, float]] = {}
 
     def training_counts(self, user: str) -> dict[str, float]:
-        """The user's streams in the model's training data ({} for stream-trained models)."""
+        """The user's streams in the model's training data ({} for stream-trained models); a copy."""
         row = self.user_index.get(user)
         if row is None or self.stream_trained or self._plays is None:
             return {}
-        indptr, indices, counts = self._plays
-        start, stop = int(indptr[row]), int(indptr[row + 1])
-        return {str(self.item_ids[j]): float(c) for j, c in zip(indices[start:stop], counts[start:stop])}
+        cached = self._training_cache.get(user)
+        if cached is None:
+            indptr, indices, counts = self._plays
+            start, stop = int(indptr[row]), int(indptr[row + 1])
+            ids = self.item_ids[np.asarray(indices[start:stop])].tolist()
+            cached = dict(zip(ids, np.asarray(counts[start:stop], dtype=np.float64).tolist()))
+            if len(self._training_cache) >= TRAINING_CACHE_USERS:
+                self._training_cache.clear()
+            self._training_cache[user] = cached
+        return dict(cached)
 
     def full_counts(self, user: str, streamed: Mapping[str, float]) -> dict[str, float]:
         """Training counts (file-trained models) plus the streamed counts."""
@@ -179,6 +189,7 @@ class LiveModel:
     def add_tracks(self, vectors: Mapping[str, np.ndarray]) -> None:
         """Insert (or update) folded-in tracks: searchable at once, part of later user fold-ins."""
         fresh: list[str] = []
+        gram = self.item_gram.copy()  # copy-on-write: a fold-in running in a thread keeps a consistent gram
         for track, vector in vectors.items():
             if track in self.item_index:
                 continue  # the model knows it; the batch solution wins
@@ -186,7 +197,7 @@ class LiveModel:
             v64 = v.astype(np.float64)
             if track in self.new_index:
                 old = self.new_vectors[self.new_index[track]].astype(np.float64)
-                self.item_gram -= np.outer(old, old)
+                gram -= np.outer(old, old)
                 self._new_vectors[self.new_index[track]] = v
             else:
                 if len(self.new_ids) == len(self._new_vectors):
@@ -195,7 +206,8 @@ class LiveModel:
                 self.new_ids.append(track)
                 self._new_vectors[self.new_index[track]] = v
                 fresh.append(track)
-            self.item_gram += np.outer(v64, v64)
+            gram += np.outer(v64, v64)
+        self.item_gram = gram
         updated = [t for t in vectors if t in self.new_index]
         for index in (self.dot_index, self.cosine_index):
             if index is None or not updated:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
-from stream.codec import unpack_counts, unpack_vector
+from stream.codec import unpack_user
 from stream.live_model import UnknownTrackError
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def register_views(worker: StreamWorker) -> None:
             """Serve here if this worker owns `user`, else forward to the owner."""
             if not request.headers.get(ROUTED_HEADER):  # a routed request is never routed again
                 try:
-                    owner = app.router.key_store(worker.counts.name, user.encode())
+                    owner = app.router.key_store(worker.users.name, user.encode())
                 except Exception:  # no assignment yet (starting or rebalancing)
                     return self.fail(503, "partitions are being assigned; retry shortly")
                 if (owner.host, owner.port) != (worker.settings.host, worker.settings.port):
@@ -120,14 +120,14 @@ def register_views(worker: StreamWorker) -> None:
         return live
 
     def streamed_counts(user: str) -> dict[str, int]:
-        return unpack_counts(worker.counts.get(user.encode()))
+        return unpack_user(worker.users.get(user.encode())).counts
 
     def user_vector(user: str, counts: dict[str, int]):
         """(vector, source) for a user: fold-in vector, model row, on-the-fly fold-in, or none."""
         live = live_model()
-        stored = unpack_vector(worker.vectors.get(user.encode()))
-        if stored is not None and stored[0] == live.version:
-            return stored[1], "fold-in"
+        stored = unpack_user(worker.users.get(user.encode()))
+        if stored.vector is not None and stored.version == live.version:
+            return stored.vector, "fold-in"
         row = live.model_user_vector(user)
         if row is not None and not counts:
             return row, "model"

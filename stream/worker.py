@@ -34,14 +34,14 @@ import numpy as np
 from batch.model_store import ModelStore, ModelStoreError
 from batch.plays import MIN_MS_PLAYED
 from stream.broadcast import BroadcastReader
+from stream.changelog import BulkTableWriter
 from stream.codec import (
-    pack_counts,
+    UserState,
     pack_message,
-    pack_vector,
+    pack_user,
     parse_model_update,
-    unpack_counts,
     unpack_message,
-    unpack_vector,
+    unpack_user,
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
@@ -100,9 +100,11 @@ class StreamWorker:
         # partitioner every standard Kafka client uses for keyed records: a user's counts, vector
         # and plays share one partition number (records on another partition are dead-lettered).
         table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
-        self.counts = app.Table("user-plays", **table)
-        self.vectors = app.Table("user-vectors", **table)
+        # user -> {counts per track, folded-in vector}: one changelog record per changed user
+        self.users = app.Table("user-state", **table)
         self.listeners = app.Table("track-listeners", **table)
+        self.user_writer = BulkTableWriter(app, self.users, topics.plays)
+        self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)
         self.track_plays = app.topic(topics.track_plays, partitions=P, **raw)
         self.plays_ingest = BatchIngest(
@@ -198,28 +200,46 @@ class StreamWorker:
         live = self.live
         if live is None:
             return
-        users = [key for key, _ in self.counts.items()]
+        users = [key for key, _ in self.users.items()]
+        loop = asyncio.get_running_loop()
         for start in range(0, len(users), REFOLD_BATCH):
-            chunk = users[start : start + REFOLD_BATCH]
-            counts = {k.decode(): live.full_counts(k.decode(), unpack_counts(self.counts.get(k))) for k in chunk}
-            vectors = live.fold_in_users(counts)
-            for user, vector in vectors.items():
-                self.vectors[user.encode()] = pack_vector(live.version, vector)
+            states = {k.decode(): unpack_user(self.users.get(k)) for k in users[start : start + REFOLD_BATCH]}
+            full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
+            vectors = await loop.run_in_executor(None, live.fold_in_users, full)
+            entries = []
+            for user, state in states.items():
+                key = user.encode()
+                current = unpack_user(self.users.get(key))
+                if current.offset != state.offset:
+                    continue  # plays arrived meanwhile: that batch folded the user in against this model
+                vector = vectors.get(user)
+                new = current._replace(version=live.version if vector is not None else None, vector=vector)
+                entries.append((key, pack_user(new), self.partitioner(key)))
+            await self.user_writer.write(entries)  # stores before its first await: no interleaving
             self.metrics.user_fold_ins.inc(len(vectors))
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d users against model %s", len(users), live.version)
 
     # -- plays ---------------------------------------------------------------------------------
     async def on_plays(self, batch: list[Any]) -> None:
+        """One micro-batch of `plays` records: validate, count streams per user, fold in, write once.
+
+        Counting is idempotent: each user's state records the offset of the last record applied
+        (a user's records all live in one partition), so a batch re-delivered after a crash between
+        the table write and the offset commit is not counted twice.
+        """
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        streams: dict[str, dict[str, int]] = defaultdict(dict)
-        valid = 0
+        events: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+        partitions: dict[str, int] = {}
         partition_of = self.partitioner
         for message in batch:
             event, reason = decode_play(message.key, message.value, now_ms)
             if event is None:
                 await self._dead_letter(message, reason)
+                continue
+            if message.key is None:
+                await self._dead_letter(message, "record has no key: events must be keyed by user id")
                 continue
             expected = partition_of(message.key)
             if message.partition != expected:
@@ -229,22 +249,37 @@ class StreamWorker:
                     "produce with the default (murmur2) partitioner",
                 )
                 continue
-            valid += 1
-            if event.ms_played >= MIN_MS_PLAYED:
-                per_user = streams[event.user]
-                per_user[event.track] = per_user.get(event.track, 0) + 1
-        changed: dict[str, dict[str, int]] = {}
-        for user, added in streams.items():
-            key = user.encode()
-            current = unpack_counts(self.counts.get(key))
-            for track, n in added.items():
-                current[track] = current.get(track, 0) + n
-            self.counts[key] = pack_counts(current)
-            changed[user] = current
-        if changed and self.live is not None:
-            await self._fold_in(changed, streams)
-        self.metrics.events.inc(valid)
-        self.metrics.streams.inc(sum(sum(a.values()) for a in streams.values()))
+            events[event.user].append((message.offset, event.track, event.ms_played))
+            partitions[event.user] = message.partition
+        states: dict[str, UserState] = {}
+        added: dict[str, dict[str, int]] = {}
+        applied = streams = 0
+        for user, plays in events.items():
+            state = unpack_user(self.users.get(user.encode()))
+            fresh = [p for p in plays if p[0] > state.offset]
+            if not fresh:
+                continue  # re-delivered after a crash: already counted
+            applied += len(fresh)
+            new = {}
+            for _, track, ms_played in fresh:
+                if ms_played >= MIN_MS_PLAYED:
+                    new[track] = new.get(track, 0) + 1
+                    state.counts[track] = state.counts.get(track, 0) + 1
+            streams += sum(new.values())
+            states[user] = state._replace(offset=max(p[0] for p in fresh))
+            if new:
+                added[user] = new
+        vectors = await self._fold_in({u: states[u] for u in added}, added) if added and self.live else {}
+        version = self.live.version if self.live is not None else None
+        entries = []
+        for user, state in states.items():
+            vector = vectors.get(user)
+            if vector is not None:
+                state = state._replace(version=version, vector=vector)
+            entries.append((user.encode(), pack_user(state), partitions[user]))
+        await self.user_writer.write(entries)
+        self.metrics.events.inc(applied)
+        self.metrics.streams.inc(streams)
         self.metrics.batch_events.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
@@ -256,16 +291,15 @@ class StreamWorker:
         ]
         await self.dead_letter.send(key=message.key, value=message.value or b"", headers=headers)
 
-    async def _fold_in(self, changed: dict[str, dict[str, int]], added: dict[str, dict[str, int]]) -> None:
+    async def _fold_in(self, states: dict[str, UserState], added: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+        """Solve the changed users' vectors (off the event loop) and forward plays of unknown tracks."""
         live = self.live
-        full = {user: live.full_counts(user, counts) for user, counts in changed.items()}
-        vectors = live.fold_in_users(full)
+        full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
+        vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full)
         for user, vector in vectors.items():
-            key = user.encode()
-            previous = unpack_vector(self.vectors.get(key))
-            old = previous[1] if previous and previous[0] == live.version else live.model_user_vector(user)
+            state = states[user]
+            old = state.vector if state.version == live.version else live.model_user_vector(user)
             live.user_moved(old, vector)
-            self.vectors[key] = pack_vector(live.version, vector)
         self.metrics.user_fold_ins.inc(len(vectors))
         # plays of tracks the model does not know go to the track side, with the listener's vector
         for user, tracks in added.items():
@@ -276,10 +310,11 @@ class StreamWorker:
                 body = {
                     "track": track,
                     "user": user,
-                    "count": int(changed[user][track]),
+                    "count": int(states[user].counts[track]),
                     "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
                 }
                 await self.track_plays.send(key=track.encode(), value=pack_message(body))
+        return vectors
 
     # -- new tracks ----------------------------------------------------------------------------
     async def on_track_plays(self, batch: list[Any]) -> None:
@@ -303,8 +338,10 @@ class StreamWorker:
             state[track][user] = entry
             touched[track] = message
         ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        await self.listener_writer.write(
+            [(t.encode(), pack_message(state[t]), self.partitioner(t.encode())) for t in touched]
+        )
         for track in touched:
-            self.listeners[track.encode()] = pack_message(state[track])
             with_vectors = [(c, x) for c, x in state[track].values() if x is not None and c > 0]
             if live is not None and len(with_vectors) >= self.settings.min_listeners and track not in live.item_index:
                 ready[track] = (
