@@ -317,12 +317,23 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--store", type=Path, default=Path(".demo/store"), help="model store (default .demo/store)")
     parser.add_argument("--iterations", type=int, default=15, help="ALS iterations (default 15)")
+    parser.add_argument("--port", type=int, default=0, help="the demo worker's HTTP port (default: a free one)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from playrec.demo import DemoError
     from playrec.demo import run as demo
 
-    return demo(args)
+    if args.port == 0:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            args.port = s.getsockname()[1]
+    try:
+        return demo(args)
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
 
 
 COMMANDS = {
@@ -332,7 +343,7 @@ COMMANDS = {
     "worker": ("run a stream worker: Kafka plays -> counts -> fold-in -> HTTP API", add_worker_arguments, run_worker),
     "replay": ("produce play events from a data set to Kafka at a chosen rate", add_replay_arguments, run_replay),
     "broker": ("start a local Apache Kafka broker (KRaft) for development", add_broker_arguments, run_broker),
-    "demo": ("train on Last.fm 2K and show evaluation and recommendations", add_demo_arguments, run_demo),
+    "demo": ("the whole loop: broker, training, a stream worker, live recommendations", add_demo_arguments, run_demo),
 }
 
 
