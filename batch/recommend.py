@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from batch.als import AlsParams
 from batch.confidence import confidence_minus_one
+from batch.forests import load_forests
 from batch.model_store import Model
 
 PLAYS_ARRAYS = ("plays_indptr", "plays_indices", "plays_counts")
@@ -56,8 +57,10 @@ class Recommender:
     the reference. The model's training plays (if stored) exclude streamed tracks and feed explanations.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, use_index: bool = True, search_k: int | None = None) -> None:
         self.model = model
+        self.search_k = search_k
+        self.dot_index, self.cosine_index = load_forests(model.path) if use_index else (None, None)
         self.params = (
             AlsParams(**model.manifest.get("parameters", {}))
             if model.manifest.get("parameters")
@@ -102,7 +105,16 @@ class Recommender:
     def recommend_vector(
         self, vector: np.ndarray, k: int = 10, exclude: np.ndarray | None = None
     ) -> list[Recommendation]:
-        """Top-k tracks for a user vector (k,) by inner product, excluding item indices `exclude`."""
+        """Top-k tracks for a user vector (k,) by inner product, excluding item indices `exclude`.
+
+        Uses the model's inner-product forest when it has one, exact scoring otherwise.
+        """
+        if self.dot_index is not None:
+            banned = [] if exclude is None else self.model.item_ids[np.asarray(exclude, dtype=np.int64)].tolist()
+            ids, scores = self.dot_index.query(
+                np.asarray(vector, np.float32), k=k, search_k=self.search_k, exclude=banned
+            )
+            return [Recommendation(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
         scores = np.asarray(self.model.item_factors) @ np.asarray(vector, dtype=np.float32)
         idx, best = top_k(scores, k, exclude)
         return [Recommendation(str(self.model.item_ids[i]), float(s)) for i, s in zip(idx, best, strict=True)]
@@ -116,6 +128,11 @@ class Recommender:
     def similar(self, track: str, k: int = 10) -> list[Recommendation]:
         """The k tracks most similar to `track` by cosine of item vectors (the track itself excluded)."""
         row = self.item_row(track)
+        if self.cosine_index is not None:
+            ids, scores = self.cosine_index.query(
+                np.asarray(self.model.item_factors[row], np.float32), k=k, search_k=self.search_k, exclude=[track]
+            )
+            return [Recommendation(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
         unit = self.item_unit
         idx, best = top_k(unit @ unit[row], k, np.array([row]))
         return [Recommendation(str(self.model.item_ids[i]), float(s)) for i, s in zip(idx, best, strict=True)]

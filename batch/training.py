@@ -18,11 +18,13 @@ import numpy as np
 
 from batch.als import AlsParams, AlsResult, train_als
 from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking_metrics
+from batch.forests import ForestParams, build_forests
 from batch.model_store import ModelStore
 from batch.plays import PlayCounts
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FOREST = ForestParams()
 #: Users sampled for evaluation on very large data (ranking every item for every user is O(n m k)).
 EVAL_MAX_USERS = 20_000
 
@@ -64,11 +66,13 @@ def train_and_publish(
     source: dict[str, Any] | None = None,
     extra: Callable[[Path, np.ndarray], dict[str, Any] | None] | None = None,
     show_progress: bool = True,
+    forest: ForestParams | None = DEFAULT_FOREST,
 ) -> TrainReport:
-    """Evaluate (unless holdout == 0), train on all plays and publish to `store`.
+    """Evaluate (unless holdout == 0), train on all plays, build the forests and publish to `store`.
 
     source: manifest description of the input (path, checksum or Kafka offsets = the watermark).
-    extra(directory, item_factors): writes further artifacts, e.g. the forest, into the new version.
+    extra(directory, item_factors): writes further artifacts into the new version.
+    forest: shape of the search forests built into the version (None: no index, exact scoring).
     """
     timings: dict[str, float] = {}
     metrics = baseline = None
@@ -88,10 +92,12 @@ def train_and_publish(
         np.save(directory / "plays_indices.npy", matrix.indices.astype(np.int32), allow_pickle=False)
         np.save(directory / "plays_counts.npy", matrix.data.astype(np.float32), allow_pickle=False)
         fields: dict[str, Any] = {}
-        if extra is not None:
+        if forest is not None:
             begin = time.perf_counter()
-            fields.update(extra(directory, result.item_factors) or {})
+            fields.update(build_forests(directory, counts.item_ids, result.item_factors, forest))
             timings["index_s"] = time.perf_counter() - begin
+        if extra is not None:
+            fields.update(extra(directory, result.item_factors) or {})
         return fields
 
     start = time.perf_counter()

@@ -75,11 +75,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
+    parser.add_argument("--trees", type=_positive_int, default=50, help="trees of each search forest (default 50)")
+    parser.add_argument("--no-index", action="store_true", help="build no search forest (exact scoring only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from batch.als import AlsParams, AlsParamsError
+    from batch.forests import ForestParams
     from batch.model_store import ModelStore
     from batch.plays import PlaysFileError, read_play_counts
     from batch.training import train_and_publish
@@ -109,8 +112,9 @@ def run_train(args: argparse.Namespace) -> int:
         store,
         params,
         holdout=args.holdout,
-        source={"path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)},
+        source={"source": "file", "path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)},
         show_progress=not args.no_progress,
+        forest=None if args.no_index else ForestParams(n_trees=args.trees, seed=args.seed),
     )
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
@@ -128,6 +132,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
     parser.add_argument("--version", help="model version (default: CURRENT)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--exact", action="store_true", help="score every track exactly instead of using the forest")
 
 
 def _recommender(args: argparse.Namespace):
@@ -135,7 +140,7 @@ def _recommender(args: argparse.Namespace):
     from batch.recommend import Recommender
 
     try:
-        return Recommender(ModelStore(args.store).load(args.version))
+        return Recommender(ModelStore(args.store).load(args.version), use_index=not args.exact)
     except ModelStoreError as exc:
         raise CliError(str(exc)) from None
 

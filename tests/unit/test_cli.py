@@ -73,6 +73,13 @@ def test_train_publishes_the_contract_files(tmp_path, plays_file, capsys, reques
     assert streamed
     assert not streamed & {item["track"] for item in answer["items"]}
 
+    assert any(directory.glob("forest-dot.*")) and any(directory.glob("forest-cosine.*"))
+    assert "forest-dot.json" in model.manifest["files"]
+    assert main(["recommend", user, "--store", str(store), "-k", "5", "--json", "--exact"]) == 0
+    exact = json.loads(capsys.readouterr().out)["items"]  # small data: the forest finds the exact top 5
+    assert [i["track"] for i in exact] == [i["track"] for i in answer["items"]]
+    assert [i["score"] for i in exact] == pytest.approx([i["score"] for i in answer["items"]], rel=1e-5)
+
     assert main(["similar", "track-0", "--store", str(store), "-k", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
     assert main(["recommend", "nobody", "--store", str(store)]) == 3
