@@ -77,6 +77,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
     parser.add_argument("--trees", type=_positive_int, default=50, help="trees of each search forest (default 50)")
     parser.add_argument("--no-index", action="store_true", help="build no search forest (exact scoring only)")
+    parser.add_argument(
+        "--announce",
+        metavar="BOOTSTRAP",
+        default=None,
+        help="after publishing, announce the version on topic model-updates of this Kafka broker",
+    )
+    parser.add_argument("--topic-prefix", default="", help="prefix of the model-updates topic (default none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -119,6 +126,11 @@ def run_train(args: argparse.Namespace) -> int:
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
         print(f"popularity: {report.baseline.describe()}")
+    if args.announce:
+        from stream.announce import announce_model
+
+        announce_model(args.announce, report.version, store.root, topic_prefix=args.topic_prefix)
+        print(f"announced {report.version} on {args.topic_prefix}model-updates at {args.announce}")
     print(
         f"published model {report.version} to {store.models} "
         f"({counts.shape[0]:,} users x {counts.shape[1]:,} tracks, {report.seconds_per_iteration:.3f} s/iteration)"
@@ -208,6 +220,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from batch.plays import PlaysFileError
     from stream.replay import ReplayError, run_replay
+    from stream.settings import KafkaSecurity
 
     bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
     if not bootstrap:
@@ -222,6 +235,7 @@ def run_replay(args: argparse.Namespace) -> int:
             args.topic,
             args.seed,
             show_progress=not args.no_progress,
+            producer_config=KafkaSecurity.from_env().kafka_python_kwargs(),
         )
     except (PlaysFileError, ReplayError) as exc:
         raise CliError(str(exc)) from None

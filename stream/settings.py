@@ -78,6 +78,18 @@ class KafkaSecurity:
             ssl_context=self.ssl_context(),
         )
 
+    def kafka_python_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for kafka-python clients (admin, producers, snapshot readers)."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        return {
+            "security_protocol": self.protocol,
+            "ssl_context": self.ssl_context(),
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+        }
+
     def aiokafka_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka clients."""
         if self.protocol == "PLAINTEXT":

@@ -28,16 +28,7 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.track_vectors: (P, {"cleanup.policy": "compact"}),
         names.model_updates: (1, {}),
     }
-    sec = settings.security
-    kwargs = {}
-    if sec.protocol != "PLAINTEXT":
-        kwargs = {
-            "security_protocol": sec.protocol,
-            "ssl_context": sec.ssl_context(),
-            "sasl_mechanism": sec.sasl_mechanism,
-            "sasl_plain_username": sec.sasl_username,
-            "sasl_plain_password": sec.sasl_password,
-        }
+    kwargs = settings.security.kafka_python_kwargs()
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="playrec-topics", **kwargs)
     try:
         existing = admin.describe_topics(list(wanted))

@@ -19,7 +19,7 @@ from batch.als import AlsParams
 from batch.model_store import ModelStore
 from batch.plays import PlayCounts
 from batch.training import train_and_publish
-from stream.codec import model_update
+from stream.announce import announce_model
 from stream.events import MAX_PAYLOAD_BYTES, encode_play
 from stream.live_model import LiveModel
 
@@ -196,8 +196,7 @@ def test_model_hot_swap(env):
         counts, store, AlsParams(factors=8, iterations=5, seed=3), holdout=0, show_progress=False
     )
     assert report.version != old
-    env["producer"].send(env["prefix"] + "model-updates", value=model_update(report.version, str(store.root)))
-    env["producer"].flush()
+    announce_model(env["bootstrap"], report.version, store.root, topic_prefix=env["prefix"])
     wait_for(lambda: worker.get("/ready")["version"] == report.version, 60, "the new model to go live")
     user = next(u for u in env["shared"].expected if u.startswith("s"))
     body = worker.get(f"/users/{user}/recommendations?k=3")
