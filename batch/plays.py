@@ -192,7 +192,7 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
     if not rows:
         raise PlaysFileError(f"{path}: no play rows found (file is empty or holds only a header)")
     summary.rows = len(rows)
-    return _assemble(
+    return assemble_counts(
         np.asarray(rows, dtype=np.int64),
         np.asarray(cols, dtype=np.int64),
         np.asarray(plays, dtype=np.float64),
@@ -203,7 +203,7 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
     )
 
 
-def _assemble(
+def assemble_counts(
     rows: np.ndarray,
     cols: np.ndarray,
     values: np.ndarray,
@@ -212,7 +212,7 @@ def _assemble(
     item_ids: np.ndarray,
     summary: ReadSummary,
 ) -> PlayCounts:
-    """Build the CSR matrices, summing duplicate (row, col) pairs and dropping explicit zeros."""
+    """Build `PlayCounts` from COO triplets: duplicate (row, col) pairs are summed, zeros dropped."""
     shape = (len(user_ids), len(item_ids))
     order = np.lexsort((cols, rows))
     rows, cols, values = rows[order], cols[order], values[order]
@@ -250,7 +250,7 @@ def counts_from_events(events: Iterable[tuple[str, str, int]], min_ms_played: in
         cols.append(item_index.setdefault(track, len(item_index)))
         values.append(1.0 if ms_played >= min_ms_played else 0.0)
     summary.rows = len(rows)
-    return _assemble(
+    return assemble_counts(
         np.asarray(rows, dtype=np.int64),
         np.asarray(cols, dtype=np.int64),
         np.asarray(values, dtype=np.float64),

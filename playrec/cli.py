@@ -47,7 +47,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from batch.als import AlsParams
 
     d = AlsParams()
-    parser.add_argument("--plays", type=Path, required=True, help="CSV/TSV of user,track,plays[,timestamp]")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plays", type=Path, help="CSV/TSV of user,track,plays[,timestamp]")
+    source.add_argument(
+        "--from-kafka",
+        metavar="BOOTSTRAP",
+        help="train on the stream's counts: snapshot the workers' user-state changelog on this broker",
+    )
+    parser.add_argument("--app-id", default="playrec", help="the workers' app id, for --from-kafka (default playrec)")
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="--from-kafka: train without records that are not user-state rows (listed in the manifest)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="model store directory (created if missing)")
     parser.add_argument(
         "--factors", type=_positive_int, default=d.factors, help=f"latent factors (default {d.factors})"
@@ -108,18 +120,38 @@ def run_train(args: argparse.Namespace) -> int:
         )
     except AlsParamsError as exc:
         raise CliError(str(exc)) from None
-    try:
-        counts = read_play_counts(args.plays, binarize=args.binarize)
-    except PlaysFileError as exc:
-        raise CliError(str(exc)) from None
-    log.info("read %s: %s; %d users x %d tracks", args.plays, counts.summary.describe(), *counts.shape)
+    if args.from_kafka:
+        from batch.snapshot import SnapshotError, snapshot_counts
+        from stream.settings import KafkaSecurity
+
+        try:
+            snap = snapshot_counts(
+                args.from_kafka,
+                args.app_id,
+                args.skip_bad_records,
+                client_kwargs=KafkaSecurity.from_env().kafka_python_kwargs(),
+            )
+        except SnapshotError as exc:
+            raise CliError(str(exc)) from None
+        counts, source = snap.counts, snap.source()
+        print(
+            f"snapshot of {snap.topic}: {snap.records:,} records, {counts.shape[0]:,} users, "
+            f"{counts.nnz:,} (user, track) counts; watermark {source['offsets']}"
+        )
+    else:
+        try:
+            counts = read_play_counts(args.plays, binarize=args.binarize)
+        except PlaysFileError as exc:
+            raise CliError(str(exc)) from None
+        source = {"source": "file", "path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)}
+        log.info("read %s: %s; %d users x %d tracks", args.plays, counts.summary.describe(), *counts.shape)
     store = ModelStore(args.out, keep=args.keep)
     report = train_and_publish(
         counts,
         store,
         params,
         holdout=args.holdout,
-        source={"source": "file", "path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)},
+        source=source,
         show_progress=not args.no_progress,
         forest=None if args.no_index else ForestParams(n_trees=args.trees, seed=args.seed),
     )

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
-import numpy as np
 
 MODEL_UPDATES_TOPIC = "model-updates"
 TRACK_PLAYS_TOPIC = "track-plays"
 TRACK_VECTORS_TOPIC = "track-vectors"
 
 _LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
-
-
-class UserState(NamedTuple):
-    """A user's streamed counts per track and their folded-in vector (with its model version)."""
-
-    counts: dict[str, int]
-    version: str | None = None
-    vector: np.ndarray | None = None
-    offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
-
-
-def pack_user(state: UserState) -> bytes:
-    """One table value per user, so a batch writes one changelog record per changed user."""
-    vector = None if state.vector is None else np.asarray(state.vector, dtype="<f4").tobytes()
-    return msgpack.packb({"c": state.counts, "v": state.version, "x": vector, "o": state.offset})
-
-
-def unpack_user(raw: bytes | None) -> UserState:
-    if raw is None:
-        return UserState({})
-    body = msgpack.unpackb(raw, **_LIMITS)
-    vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
-    return UserState(body["c"], body.get("v"), vector, int(body.get("o", -1)))
 
 
 def pack_message(body: dict[str, Any]) -> bytes:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
-from stream.codec import unpack_user
+from batch.user_state import unpack_user
 from stream.live_model import UnknownTrackError
 
 if TYPE_CHECKING:

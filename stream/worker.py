@@ -33,15 +33,13 @@ import numpy as np
 
 from batch.model_store import ModelStore, ModelStoreError
 from batch.plays import MIN_MS_PLAYED
+from batch.user_state import USER_STATE_TABLE, UserState, UserStateError, pack_user, unpack_user
 from stream.broadcast import BroadcastReader
 from stream.changelog import BulkTableWriter
 from stream.codec import (
-    UserState,
     pack_message,
-    pack_user,
     parse_model_update,
     unpack_message,
-    unpack_user,
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
@@ -101,7 +99,7 @@ class StreamWorker:
         # and plays share one partition number (records on another partition are dead-lettered).
         table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
         # user -> {counts per track, folded-in vector}: one changelog record per changed user
-        self.users = app.Table("user-state", **table)
+        self.users = app.Table(USER_STATE_TABLE, **table)
         self.listeners = app.Table("track-listeners", **table)
         self.user_writer = BulkTableWriter(app, self.users, topics.plays)
         self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
@@ -203,7 +201,12 @@ class StreamWorker:
         users = [key for key, _ in self.users.items()]
         loop = asyncio.get_running_loop()
         for start in range(0, len(users), REFOLD_BATCH):
-            states = {k.decode(): unpack_user(self.users.get(k)) for k in users[start : start + REFOLD_BATCH]}
+            states = {}
+            for key in users[start : start + REFOLD_BATCH]:
+                try:
+                    states[key.decode()] = unpack_user(self.users.get(key))
+                except (UnicodeDecodeError, UserStateError) as exc:
+                    log.error("user-state row %r is damaged, not re-folded: %s", key[:60], exc)
             full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
             vectors = await loop.run_in_executor(None, live.fold_in_users, full)
             entries = []

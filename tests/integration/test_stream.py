@@ -240,3 +240,46 @@ def test_two_workers_split_partitions_and_take_over(env):
     for user, counts in shared.expected.items():
         got = wait_for(lambda u=user: a.get(f"/users/{u}/plays")["plays"] or None, 60, f"counts of {user}")
         assert got == counts, user
+
+
+def test_train_from_the_stream_snapshot(env, tmp_path, capsys):
+    """`playrec train --from-kafka` trains on the workers' counts, users known only to the stream included."""
+    from kafka import KafkaProducer as Producer
+
+    from batch.user_state import changelog_topic
+    from playrec.cli import main
+
+    shared, app_id = env["shared"], env["prefix"] + "app"
+    args = [
+        "train",
+        "--from-kafka",
+        env["bootstrap"],
+        "--app-id",
+        app_id,
+        "--out",
+        str(tmp_path / "s"),
+        "--holdout",
+        "0",
+        "--factors",
+        "8",
+        "--iterations",
+        "3",
+        "--no-progress",
+        "--no-index",
+    ]
+    assert main(args) == 0
+    model = ModelStore(tmp_path / "s").load()
+    stream_users = {u for u in shared.expected if u.startswith("s")}
+    assert stream_users <= set(model.user_ids.tolist())
+    source = model.manifest["input"]
+    assert source["source"] == "stream" and source["topic"] == changelog_topic(app_id)
+    assert sum(source["offsets"].values()) > 0
+    # a foreign record in the changelog is reported, never skipped silently
+    producer = Producer(bootstrap_servers=env["bootstrap"])
+    producer.send(changelog_topic(app_id), key=b"not-a-user-row", value=b"\x93\x01\x02\x03").get(30)
+    producer.close()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "not user-state rows" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-records"]) == 0
+    assert ModelStore(tmp_path / "s").load().manifest["input"]["skipped_records"] == 1

@@ -1,0 +1,55 @@
+"""The stream's per-user state row (table `user-state`), shared by the workers that write it and the
+batch snapshot that trains on it: msgpack `{"c": {track: streams}, "v": version, "x": float32 LE bytes,
+"o": last applied plays offset}`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgpack
+import numpy as np
+
+USER_STATE_TABLE = "user-state"
+_LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
+
+
+class UserStateError(ValueError):
+    """A user-state record that is not one (damaged, or written by something else)."""
+
+
+class UserState(NamedTuple):
+    """A user's streamed counts per track and their folded-in vector (with its model version)."""
+
+    counts: dict[str, int]
+    version: str | None = None
+    vector: np.ndarray | None = None
+    offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
+
+
+def changelog_topic(app_id: str) -> str:
+    """faust's changelog topic of the user-state table of app `app_id`."""
+    return f"{app_id}-{USER_STATE_TABLE}-changelog"
+
+
+def pack_user(state: UserState) -> bytes:
+    """One table value per user, so a batch writes one changelog record per changed user."""
+    vector = None if state.vector is None else np.asarray(state.vector, dtype="<f4").tobytes()
+    return msgpack.packb({"c": state.counts, "v": state.version, "x": vector, "o": state.offset})
+
+
+def unpack_user(raw: bytes | None) -> UserState:
+    """Decode a row (None = no row); raises `UserStateError` for anything that is not a row."""
+    if raw is None:
+        return UserState({})
+    try:
+        body = msgpack.unpackb(raw, **_LIMITS)
+        counts = body["c"]
+        vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
+        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)))
+    except Exception as exc:
+        raise UserStateError(f"not a user-state record: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if not isinstance(counts, dict) or not all(
+        isinstance(t, str) and type(c) is int and c >= 0 for t, c in counts.items()
+    ):
+        raise UserStateError("not a user-state record: counts must map track ids to non-negative integers")
+    return state
