@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from batch.als import AlsParams, AlsResult, train_als
 from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking_metrics
@@ -42,16 +43,25 @@ class TrainReport:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+Trainer = Callable[[sp.csr_matrix, AlsParams, bool], AlsResult]
+
+
+def numpy_trainer(plays: sp.csr_matrix, params: AlsParams, show_progress: bool) -> AlsResult:
+    """The default engine: playrec's own ALS (batch.als)."""
+    return train_als(plays, params, show_progress=show_progress)
+
+
 def evaluate_params(
     counts: PlayCounts,
     params: AlsParams,
     holdout: float = 0.2,
     k: int = 10,
     show_progress: bool = True,
+    trainer: Trainer = numpy_trainer,
 ) -> tuple[Metrics, Metrics, AlsResult]:
     """Train on a per-user split and rank the held-out plays: (model metrics, popularity, result)."""
     train, test = holdout_split(counts.matrix, holdout, seed=params.seed, timestamps=counts.last_played)
-    result = train_als(train, params, show_progress=show_progress)
+    result = trainer(train, params, show_progress)
     metrics = ranking_metrics(result.user_factors, result.item_factors, train, test, k, EVAL_MAX_USERS, params.seed)
     baseline = ranking_metrics(*popularity_factors(train), train, test, k, EVAL_MAX_USERS, params.seed)
     return metrics, baseline, result
@@ -64,26 +74,32 @@ def train_and_publish(
     holdout: float = 0.2,
     k: int = 10,
     source: dict[str, Any] | None = None,
-    extra: Callable[[Path, np.ndarray], dict[str, Any] | None] | None = None,
+    extra: Callable[[Path, AlsResult], dict[str, Any] | None] | None = None,
     show_progress: bool = True,
     forest: ForestParams | None = DEFAULT_FOREST,
+    trainer: Trainer = numpy_trainer,
+    evaluation: tuple[Metrics, Metrics] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> TrainReport:
     """Evaluate (unless holdout == 0), train on all plays, build the forests and publish to `store`.
 
     source: manifest description of the input (path, checksum or Kafka offsets = the watermark).
-    extra(directory, item_factors): writes further artifacts into the new version.
+    extra(directory, result): writes further artifacts (e.g. a retrain report) into the new version.
     forest: shape of the search forests built into the version (None: no index, exact scoring).
+    trainer: the ALS engine (numpy by default; batch.spark_engine for Spark).
+    evaluation: (model, popularity) metrics computed already (the retrain gate), instead of holdout.
+    announce(version): called after the version is live (e.g. a model-updates record).
     """
     timings: dict[str, float] = {}
-    metrics = baseline = None
-    if holdout > 0:
+    metrics, baseline = evaluation if evaluation is not None else (None, None)
+    if holdout > 0 and evaluation is None:
         start = time.perf_counter()
-        metrics, baseline, _ = evaluate_params(counts, params, holdout, k, show_progress)
+        metrics, baseline, _ = evaluate_params(counts, params, holdout, k, show_progress, trainer)
         timings["evaluate_s"] = time.perf_counter() - start
         log.info("holdout evaluation: %s", metrics.describe())
         log.info("popularity baseline: %s", baseline.describe())
     start = time.perf_counter()
-    result = train_als(counts.matrix, params, show_progress=show_progress)
+    result = trainer(counts.matrix, params, show_progress)
     timings["train_s"] = time.perf_counter() - start
     matrix = counts.matrix
 
@@ -97,7 +113,7 @@ def train_and_publish(
             fields.update(build_forests(directory, counts.item_ids, result.item_factors, forest))
             timings["index_s"] = time.perf_counter() - begin
         if extra is not None:
-            fields.update(extra(directory, result.item_factors) or {})
+            fields.update(extra(directory, result) or {})
         return fields
 
     start = time.perf_counter()
@@ -123,6 +139,8 @@ def train_and_publish(
         extra=write_artifacts,
     )
     timings["publish_s"] = time.perf_counter() - start
+    if announce is not None:
+        announce(version)
     return TrainReport(
         version=version,
         params=params,

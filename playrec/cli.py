@@ -43,23 +43,11 @@ def _file_sha256(path: Path) -> str:
 
 
 # -- train ------------------------------------------------------------------------------------
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """ALS, index and store flags shared by `train` and `retrain`."""
     from batch.als import AlsParams
 
     d = AlsParams()
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--plays", type=Path, help="CSV/TSV of user,track,plays[,timestamp]")
-    source.add_argument(
-        "--from-kafka",
-        metavar="BOOTSTRAP",
-        help="train on the stream's counts: snapshot the workers' user-state changelog on this broker",
-    )
-    parser.add_argument("--app-id", default="playrec", help="the workers' app id, for --from-kafka (default playrec)")
-    parser.add_argument(
-        "--skip-bad-records",
-        action="store_true",
-        help="--from-kafka: train without records that are not user-state rows (listed in the manifest)",
-    )
     parser.add_argument("--out", type=Path, required=True, help="model store directory (created if missing)")
     parser.add_argument(
         "--factors", type=_positive_int, default=d.factors, help=f"latent factors (default {d.factors})"
@@ -80,31 +68,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     parser.add_argument(
-        "--holdout",
-        type=_fraction,
-        default=0.2,
-        help="fraction of each user's tracks held out to evaluate before publishing; 0 skips (default 0.2)",
+        "--engine", choices=("numpy", "spark"), default="numpy", help="ALS engine: playrec's own or Spark MLlib"
     )
-    parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
+    parser.add_argument("--spark-master", default="local[2]", help="Spark master URL for --engine spark")
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
     parser.add_argument("--trees", type=_positive_int, default=50, help="trees of each search forest (default 50)")
     parser.add_argument("--no-index", action="store_true", help="build no search forest (exact scoring only)")
+    parser.add_argument("--app-id", default="playrec", help="the workers' app id, for --from-kafka (default playrec)")
     parser.add_argument(
-        "--announce",
-        metavar="BOOTSTRAP",
-        default=None,
-        help="after publishing, announce the version on topic model-updates of this Kafka broker",
+        "--skip-bad-records",
+        action="store_true",
+        help="--from-kafka: train without records that are not user-state rows (listed in the manifest)",
     )
     parser.add_argument("--topic-prefix", default="", help="prefix of the model-updates topic (default none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_train(args: argparse.Namespace) -> int:
+def params_from_args(args: argparse.Namespace):
+    """(AlsParams, ForestParams | None, trainer) from the shared model flags."""
     from batch.als import AlsParams, AlsParamsError
     from batch.forests import ForestParams
-    from batch.model_store import ModelStore
-    from batch.plays import PlaysFileError, read_play_counts
-    from batch.training import train_and_publish
+    from batch.training import numpy_trainer
 
     try:
         params = AlsParams(
@@ -120,6 +104,47 @@ def run_train(args: argparse.Namespace) -> int:
         )
     except AlsParamsError as exc:
         raise CliError(str(exc)) from None
+    forest = None if args.no_index else ForestParams(n_trees=args.trees, seed=args.seed)
+    trainer = numpy_trainer
+    if args.engine == "spark":
+        from batch.spark_engine import train_spark
+
+        def trainer(plays, p, show_progress):
+            return train_spark(plays, p, master=args.spark_master, show_progress=show_progress)
+
+    return params, forest, trainer
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plays", type=Path, help="CSV/TSV of user,track,plays[,timestamp]")
+    source.add_argument(
+        "--from-kafka",
+        metavar="BOOTSTRAP",
+        help="train on the stream's counts: snapshot the workers' user-state changelog on this broker",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=0.2,
+        help="fraction of each user's tracks held out to evaluate before publishing; 0 skips (default 0.2)",
+    )
+    parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
+    parser.add_argument(
+        "--announce",
+        metavar="BOOTSTRAP",
+        default=None,
+        help="after publishing, announce the version on topic model-updates of this Kafka broker",
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from batch.model_store import ModelStore
+    from batch.plays import PlaysFileError, read_play_counts
+    from batch.training import train_and_publish
+
+    params, forest, trainer = params_from_args(args)
     if args.from_kafka:
         from batch.snapshot import SnapshotError, snapshot_counts
         from stream.settings import KafkaSecurity
@@ -153,20 +178,106 @@ def run_train(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         source=source,
         show_progress=not args.no_progress,
-        forest=None if args.no_index else ForestParams(n_trees=args.trees, seed=args.seed),
+        forest=forest,
+        trainer=trainer,
+        announce=_announcer(args.announce, store, args.topic_prefix),
     )
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
         print(f"popularity: {report.baseline.describe()}")
-    if args.announce:
-        from stream.announce import announce_model
-
-        announce_model(args.announce, report.version, store.root, topic_prefix=args.topic_prefix)
-        print(f"announced {report.version} on {args.topic_prefix}model-updates at {args.announce}")
     print(
         f"published model {report.version} to {store.models} "
         f"({counts.shape[0]:,} users x {counts.shape[1]:,} tracks, {report.seconds_per_iteration:.3f} s/iteration)"
     )
+    if args.announce:
+        print(f"announced {report.version} on {args.topic_prefix}model-updates at {args.announce}")
+    return 0
+
+
+def _announcer(bootstrap: str | None, store, topic_prefix: str):
+    """A callback announcing a published version on model-updates, or None."""
+    if not bootstrap:
+        return None
+    from stream.announce import announce_model
+
+    return lambda version: announce_model(bootstrap, version, store.root, topic_prefix=topic_prefix)
+
+
+# -- retrain ----------------------------------------------------------------------------------
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="run one cycle and exit (0 whether or not it published)")
+    when.add_argument("--every", metavar="DURATION", help="run a cycle every DURATION (e.g. 6h, 30m) until stopped")
+    parser.add_argument("--from-kafka", metavar="BOOTSTRAP", required=True, help="the broker the workers use")
+    add_model_arguments(parser)
+    parser.add_argument("--holdout", type=_fraction, default=0.2, help="per-user holdout for the gate (default 0.2)")
+    parser.add_argument(
+        "--gate-metric",
+        choices=("ndcg", "precision", "recall", "mpr"),
+        default="ndcg",
+        help="metric the candidate must not lose on (default ndcg)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=_fraction,
+        default=0.02,
+        help="relative loss on the gate metric still published (default 0.02)",
+    )
+    parser.add_argument(
+        "--announce", action="store_true", help="announce published versions on model-updates of the same broker"
+    )
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from batch.model_store import ModelStore
+    from batch.retrain import RetrainConfig, RetrainError, parse_duration, retrain_forever, retrain_once
+    from batch.snapshot import SnapshotError
+    from stream.settings import KafkaSecurity
+
+    params, forest, trainer = params_from_args(args)
+    store = ModelStore(args.out, keep=args.keep)
+    if args.holdout <= 0:
+        raise CliError("--holdout must be > 0: the gate compares models on held-out plays")
+    try:
+        config = RetrainConfig(
+            store=store,
+            bootstrap=args.from_kafka,
+            app_id=args.app_id,
+            params=params,
+            holdout=args.holdout,
+            tolerance=args.tolerance,
+            metric=args.gate_metric,
+            forest=forest,
+            trainer=trainer,
+            announce=_announcer(args.from_kafka if args.announce else None, store, args.topic_prefix),
+            skip_bad_records=args.skip_bad_records,
+            client_kwargs=KafkaSecurity.from_env().kafka_python_kwargs(),
+            show_progress=not args.no_progress,
+        )
+        every = parse_duration(args.every) if args.every else None
+    except RetrainError as exc:
+        raise CliError(str(exc)) from None
+    if every is None:
+        try:
+            outcome = retrain_once(config)
+        except (SnapshotError, RetrainError) as exc:
+            raise CliError(str(exc)) from None
+        print(f"candidate: {outcome.candidate.describe()}")
+        if outcome.live is not None:
+            print(f"live {outcome.live_version}: {outcome.live.describe()}")
+        if outcome.published:
+            print(f"published {outcome.version}: {outcome.reason}")
+        else:
+            print(f"kept the live model {outcome.live_version}: {outcome.reason}")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("retraining every %s from %s into %s", args.every, args.from_kafka, store.root)
+    retrain_forever(config, every, stop)
     return 0
 
 
@@ -389,6 +500,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": ("train ALS on play counts, evaluate on a holdout and publish a model", add_train_arguments, run_train),
+    "retrain": (
+        "periodic retrain from the stream's counts: snapshot, train, gate, publish",
+        add_retrain_arguments,
+        run_retrain,
+    ),
     "recommend": ("top-k tracks for a user from a model store", None, run_recommend),
     "similar": ("tracks most similar to a track (cosine of item vectors)", None, run_similar),
     "worker": ("run a stream worker: Kafka plays -> counts -> fold-in -> HTTP API", add_worker_arguments, run_worker),
