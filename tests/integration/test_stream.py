@@ -397,3 +397,47 @@ def test_retrain_killed_at_any_point_leaves_the_store_consistent(env, tmp_path):
     finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     store.verify(store.current_version())
+
+
+def test_rocksdb_store_keeps_state_across_a_restart(env, tmp_path):
+    """With the RocksDB table store (the `rocksdb` extra), a restarted worker resumes from its local state."""
+    import rocksdict  # noqa: F401  (installed with the test extras: a missing store fails, never skips)
+
+    prefix = env["prefix"] + "rk-"
+    data_dir = tmp_path / "rocks"
+
+    def start():
+        worker = WorkerProcess(
+            env["bootstrap"],
+            env["store"].root,
+            prefix,
+            prefix + "app",
+            tmp_path,
+            table_store="rocksdb://",
+            data_dir=data_dir,
+            session_timeout=6,
+        )
+        worker.wait_ready()
+        return worker
+
+    def play(user, track):
+        key, value = encode_play(user, track, NOW_MS, 200_000)
+        env["producer"].send(prefix + "plays", key=key, value=value)
+
+    worker = start()
+    for i in range(30):
+        play(f"rk{i % 7}", f"t{i % 4}")
+    env["producer"].flush()
+    wait_for(lambda: worker.metric("playrec_events_processed_total") >= 30, 60, "30 plays")
+    before = {f"rk{u}": worker.get(f"/users/rk{u}/plays")["plays"] for u in range(7)}
+    worker.stop()
+    assert any(data_dir.rglob("*")), "the RocksDB store wrote nothing to the data dir"
+    worker = start()
+    try:
+        play("rk0", "t9")
+        env["producer"].flush()
+        before["rk0"]["t9"] = 1
+        for user, counts in before.items():
+            wait_for(lambda u=user, c=counts: worker.get(f"/users/{u}/plays")["plays"] == c, 30, f"counts of {user}")
+    finally:
+        worker.stop()

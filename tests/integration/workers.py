@@ -39,10 +39,21 @@ def wait_for(condition: Callable[[], Any], deadline_s: float, what: str, interva
 class WorkerProcess:
     """One `playrec worker` subprocess with its own port and state directory."""
 
-    def __init__(self, bootstrap: str, store: Path, prefix: str, app_id: str, state: Path, **flags: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        store: Path,
+        prefix: str,
+        app_id: str,
+        state: Path,
+        table_store: str = "memory://",
+        data_dir: Path | None = None,
+        **flags: Any,
+    ) -> None:
         self.port = free_port()
         self.log_path = state / f"worker-{self.port}.log"
         state.mkdir(parents=True, exist_ok=True)
+        data_dir = data_dir or state / f"data-{self.port}"
         args = [
             sys.executable,
             "-m",
@@ -59,9 +70,9 @@ class WorkerProcess:
             "--app-id",
             app_id,
             "--data-dir",
-            str(state / f"data-{self.port}"),
+            str(data_dir),
             "--table-store",
-            "memory://",
+            table_store,
         ]
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
