@@ -31,8 +31,8 @@ class AlsParams:
 
     factors: int = 40
     iterations: int = 20
-    alpha: float = 1.0
-    reg: float = 0.1
+    alpha: float = 2.0
+    reg: float = 20.0
     confidence: ConfidenceKind = "log"
     eps: float = 1.0
     solver: Solver = "cg"
@@ -81,18 +81,28 @@ def initial_factors(n_rows: int, factors: int, rng: np.random.Generator) -> np.n
     return (rng.random((n_rows, factors), dtype=np.float32) * np.float32(0.01)).astype(np.float32)
 
 
+def _gram(factors: np.ndarray, block: int = 65536) -> np.ndarray:
+    """factors^T factors in float64, accumulated over row blocks (no full float64 copy)."""
+    k = factors.shape[1]
+    out = np.zeros((k, k), dtype=np.float64)
+    for start in range(0, factors.shape[0], block):
+        chunk = factors[start : start + block].astype(np.float64)
+        out += chunk.T @ chunk
+    return out
+
+
 def hu_loss(cm1: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarray, reg: float) -> float:
     """Hu et al. loss `sum c (p - x.y)^2 + reg (|X|^2 + |Y|^2)` over ALL user x item pairs (float64).
 
     cm1: CSR (n_users, n_items) of `c - 1`. Uses `sum_all (x.y)^2 = <X^T X, Y^T Y>` so the cost is
-    O(nnz k + (n + m) k^2).
+    O(nnz k + (n + m) k^2); temporaries stay small (row blocks, 8K non-zeros at a time).
     """
     X = np.asarray(user_factors, dtype=np.float32)
     Y = np.asarray(item_factors, dtype=np.float32)
-    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
-    total = float(np.sum((X64.T @ X64) * (Y64.T @ Y64)))
+    gram_x, gram_y = _gram(X), _gram(Y)
+    total = float(np.sum(gram_x * gram_y))
     indptr, indices, data = cm1.indptr, cm1.indices, cm1.data
-    for lo, hi in row_chunks(indptr, 65536, 65536):
+    for lo, hi in row_chunks(indptr, 8192, 8192):
         s, e = indptr[lo], indptr[hi]
         if s == e:
             continue
@@ -101,7 +111,7 @@ def hu_loss(cm1: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarr
         ).astype(np.float64)
         c = data[s:e].astype(np.float64) + 1.0
         total += float(np.sum(c * (1.0 - d) ** 2 - d**2))
-    total += reg * (float(np.sum(X64 * X64)) + float(np.sum(Y64 * Y64)))
+    total += reg * (float(np.trace(gram_x)) + float(np.trace(gram_y)))
     return total
 
 

@@ -159,3 +159,24 @@ def test_invalid_parameters_are_explained():
         AlsParams(solver="sgd")
     with pytest.raises(ConfidenceError, match="unknown confidence"):
         confidence_minus_one(np.ones(2), 1.0, "square")
+
+
+def test_heavy_rows_take_the_dense_path_and_agree(problem, monkeypatch):
+    """Rows past DENSE_MIN_DEGREE build their k x k system in pieces: same CG result as the padded path."""
+    import batch.solvers as solvers
+
+    plays, Y = problem
+    cm1 = confidence_matrix(plays, 1.0, "log")
+    x = np.full((plays.shape[0], 8), 0.01, np.float32)
+    padded = half_step(cm1, Y, x, 0.1, n_threads=1)
+    monkeypatch.setattr(solvers, "DENSE_MIN_DEGREE", 2)
+    monkeypatch.setattr(solvers, "DENSE_PIECE_NNZ", 3)
+    calls = []
+    real = solvers._cg_dense
+    monkeypatch.setattr(solvers, "_cg_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dense = half_step(cm1, Y, x, 0.1, n_threads=1)
+    assert calls, "the dense path was not taken"
+    np.testing.assert_allclose(dense, padded, rtol=1e-4, atol=1e-6)
+    want = reference_half_step(cm1, Y, 0.1)
+    exact = half_step(cm1, Y, x, 0.1, solver="cholesky")
+    np.testing.assert_allclose(exact, want, rtol=1e-4, atol=1e-6)
