@@ -393,7 +393,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=env("PLAYREC_STORE"), help="model store ($PLAYREC_STORE)")
     parser.add_argument("--bootstrap", default=env("KAFKA_BOOTSTRAP"), help="Kafka host:port ($KAFKA_BOOTSTRAP)")
     parser.add_argument("--port", type=int, default=int(env("PLAYREC_PORT", "6066")), help="HTTP port (default 6066)")
-    parser.add_argument("--host", default=env("PLAYREC_HOST", "127.0.0.1"), help="HTTP host (default 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        default=env("PLAYREC_HOST", "127.0.0.1"),
+        help="address the other workers and clients reach this worker at (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--bind", default=env("PLAYREC_BIND"), help="address the HTTP server listens on (default: --host)"
+    )
     parser.add_argument("--app-id", default=env("PLAYREC_APP_ID", "playrec"), help="consumer group / app id")
     parser.add_argument(
         "--partitions",
@@ -410,7 +417,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table-store",
         default=env("PLAYREC_TABLE_STORE"),
-        help="faust table store: rocksdict:// (when installed) or memory://",
+        help="faust table store: rocksdb:// (default when rocksdict is installed) or memory://",
     )
     parser.add_argument(
         "--min-listeners",
@@ -452,6 +459,7 @@ def run_worker(args: argparse.Namespace) -> int:
             store=args.store,
             port=args.port,
             host=args.host,
+            bind=args.bind,
             app_id=args.app_id,
             partitions=args.partitions,
             data_dir=args.data_dir,

@@ -141,6 +141,7 @@ class WorkerSettings:
     store: Path
     port: int = 6066
     host: str = "127.0.0.1"
+    bind: str | None = None  # address the HTTP server listens on (default: host)
     app_id: str = "playrec"
     partitions: int = 8
     data_dir: Path = Path(".playrec-worker")

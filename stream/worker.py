@@ -81,7 +81,7 @@ class StreamWorker:
             key_serializer="raw",
             value_serializer="raw",
             web_enabled=True,
-            web_bind=settings.host,
+            web_bind=settings.bind or settings.host,
             web_host=settings.host,
             web_port=settings.port,
             canonical_url=settings.url,
