@@ -124,9 +124,16 @@ def test_ingest_counts_recovery_and_rebalance(
 
     def launch(name: str) -> int:
         proc, port = start_worker(
-            kafka_bootstrap, unique_topic, app_id, "ingest", tmp_path / name,
-            partitions=PARTITIONS, max_batch=2000, max_latency_s=0.05,
-            log_path=tmp_path / f"{name}.log", loglevel="info",
+            kafka_bootstrap,
+            unique_topic,
+            app_id,
+            "ingest",
+            tmp_path / name,
+            partitions=PARTITIONS,
+            max_batch=2000,
+            max_latency_s=0.05,
+            log_path=tmp_path / f"{name}.log",
+            loglevel="info",
             extra_env={"INGEST_SESSION_TIMEOUT": "8"},  # SIGKILLed member leaves the group quickly
         )
         workers.append(proc)
@@ -167,9 +174,9 @@ def test_ingest_counts_recovery_and_rebalance(
 
     wait_for("w2 and w3 to split the partitions", split, 60)
     more = _events(6_000, users=500, tracks=60, seed=2, expected=expected)
-    partition_of.update(produce_plays(kafka_bootstrap, unique_topic, more, partitions=PARTITIONS, create=False)[
-        "partition_of"
-    ])
+    partition_of.update(
+        produce_plays(kafka_bootstrap, unique_topic, more, partitions=PARTITIONS, create=False)["partition_of"]
+    )
 
     def union_matches() -> bool:
         d2, d3 = dump(p2), dump(p3)
@@ -182,8 +189,9 @@ def test_ingest_counts_recovery_and_rebalance(
     stop_worker(procs[p3], sig=signal.SIGKILL)
     wait_for(
         "w2 to take over all partitions",
-        lambda: (s := status(p2)) and s["assigned"] == list(range(PARTITIONS)) and s["recovered"]
-        and not s["rebalancing"],
+        lambda: (
+            (s := status(p2)) and s["assigned"] == list(range(PARTITIONS)) and s["recovered"] and not s["rebalancing"]
+        ),
         60,
     )
     wait_for("w2 table == all input", lambda: dump(p2) == expected, 30)

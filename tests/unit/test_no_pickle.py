@@ -1,4 +1,5 @@
 """playrec stores only npy / json / msgpack: no pickle, no eval, no allow_pickle=True anywhere."""
+
 import re
 from pathlib import Path
 
