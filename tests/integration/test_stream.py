@@ -441,3 +441,52 @@ def test_rocksdb_store_keeps_state_across_a_restart(env, tmp_path):
             wait_for(lambda u=user, c=counts: worker.get(f"/users/{u}/plays")["plays"] == c, 30, f"counts of {user}")
     finally:
         worker.stop()
+
+
+def test_http_api_fuzz_never_answers_5xx(env):
+    """Property-based requests against every route: 4xx for bad input, never 5xx, never a traceback."""
+    import urllib.parse
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    worker = env["shared"].worker
+    worker.wait_ready()
+    ids = st.text(min_size=1, max_size=80).filter(lambda t: t not in (".", ".."))
+    ks = st.one_of(st.none(), st.integers(-5, 2000).map(str), st.text(max_size=12))
+    bodies = st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda t: json_bytes({"tracks": t}), st.lists(st.one_of(ids, st.integers()), max_size=20)),
+        st.builds(
+            lambda p: json_bytes({"plays": p}),
+            st.dictionaries(ids, st.one_of(st.integers(-3, 10**12), st.floats(), st.text())),
+        ),
+    )
+
+    def path(template: str, *parts: str, k: str | None = None) -> str:
+        quoted = [urllib.parse.quote(p, safe="") for p in parts]
+        query = "" if k is None else "?k=" + urllib.parse.quote(k, safe="")
+        return template.format(*quoted) + query
+
+    def check(status: int, body) -> None:
+        assert 0 < status < 500, (status, body)
+        assert "Traceback" not in str(body)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(user=ids, track=ids, k=ks, body=bodies)
+    def run(user, track, k, body):
+        check(*worker.request(path("/users/{}/recommendations", user, k=k)))
+        check(*worker.request(path("/users/{}/plays", user)))
+        check(*worker.request(path("/users/{}/recommendations/{}/explanation", user, track)))
+        check(*worker.request(path("/tracks/{}/similar", track, k=k)))
+        check(*worker.request(path("/recommendations", k=k), "POST", body))
+
+    run()
+    status, _ = worker.request("/recommendations", "POST", b"x" * (70 * 1024))
+    assert status == 400
+
+
+def json_bytes(value) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
