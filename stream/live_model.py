@@ -13,14 +13,19 @@ It holds no Kafka state: the faust worker feeds it counts and vectors from its t
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from batch.als import AlsParams
+from batch.confidence import confidence_minus_one
+from batch.exact import assemble_rows, solve_assembled
 from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.model_store import Model
@@ -32,6 +37,22 @@ log = logging.getLogger(__name__)
 POPULAR_KEPT = 1000
 #: Users whose training counts are kept decoded in memory (the stream's active users).
 TRAINING_CACHE_USERS = 100_000
+
+
+class UserChange(NamedTuple):
+    """What a batch did to a user: state offsets before/after, `added` {track: (streams added, full count after)}."""
+
+    before: int
+    after: int
+    added: Mapping[str, tuple[int, float]]
+
+
+class _System(NamedTuple):
+    S: np.ndarray  # (k, k) float64: sum of w y y^T over known streamed tracks
+    b: np.ndarray  # (k,) float64: sum of (1 + w) y
+    offset: int  # the user's state offset this system reflects
+    known: bool  # any known streamed track at all
+    news: set  # non-model tracks the user streamed (invalidate when their vectors change)
 
 
 class UnknownTrackError(KeyError):
@@ -50,7 +71,9 @@ class Scored:
 class LiveModel:
     """One model version + folded-in tracks; thread-compatible (callers serialise mutations)."""
 
-    def __init__(self, model: Model, use_index: bool = True, search_k: int | None = None) -> None:
+    def __init__(
+        self, model: Model, use_index: bool = True, search_k: int | None = None, system_cache_users: int = 20_000
+    ) -> None:
         self.model = model
         self.version = model.version
         params = model.manifest.get("parameters") or {}
@@ -70,6 +93,11 @@ class LiveModel:
         self.new_index: dict[str, int] = {}
         self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
         self.popular = self._popular_tracks(model)
+        #: Normal-equation pieces of recently active users (k x k float64 each: ~13 KB at k = 40).
+        self.system_cache_users = system_cache_users
+        self._systems: OrderedDict[str, _System] = OrderedDict()
+        self._track_users: dict[str, set[str]] = {}  # non-model track -> cached users counting it
+        self._generation = 0  # bumped by add_tracks: systems solved across a change are not cached
         source = (model.manifest.get("input") or {}).get("source")
         #: A model trained from the stream's own counts already holds them; one trained from a file
         #: does not, so a user's full counts are the model's training counts plus what streamed.
@@ -79,6 +107,13 @@ class LiveModel:
 
     def training_counts(self, user: str) -> dict[str, float]:
         """The user's streams in the model's training data ({} for stream-trained models); a copy."""
+        return dict(self._training(user))
+
+    def full_count(self, user: str, track: str, streamed: int) -> float:
+        """One track's full count for a user: training streams (file-trained models) + `streamed`."""
+        return self._training(user).get(track, 0.0) + float(streamed)
+
+    def _training(self, user: str) -> dict[str, float]:
         row = self.user_index.get(user)
         if row is None or self.stream_trained or self._plays is None:
             return {}
@@ -91,7 +126,7 @@ class LiveModel:
             if len(self._training_cache) >= TRAINING_CACHE_USERS:
                 self._training_cache.clear()
             self._training_cache[user] = cached
-        return dict(cached)
+        return cached
 
     def full_counts(self, user: str, streamed: Mapping[str, float]) -> dict[str, float]:
         """Training counts (file-trained models) plus the streamed counts."""
@@ -136,32 +171,115 @@ class LiveModel:
         return known, vectors
 
     # -- fold-in -----------------------------------------------------------------------------
-    def fold_in_users(self, counts: Mapping[str, Mapping[str, float]]) -> dict[str, np.ndarray]:
+    def fold_in_users(
+        self, counts: Mapping[str, Mapping[str, float]], changes: Mapping[str, UserChange] | None = None
+    ) -> dict[str, np.ndarray]:
         """Exact user half-step for many users at once from their FULL counts {user: {track: streams}}.
 
         Tracks unknown to this model (not yet folded in) are left out; a user without any known
-        streamed track gets no vector (serve the popularity fallback).
+        streamed track gets no vector (serve the popularity fallback). `changes` (from the stream)
+        name the plays a batch added per user: a user whose cached system `S_u, b_u` is at the
+        change's `before` offset is updated by those plays only (rank-one updates, exact) instead of
+        being rebuilt from all their counts; the result is the same solution.
         """
+        changes = changes or {}
+        generation = self._generation
+        incremental: dict[str, UserChange] = {}
+        rebuild: dict[str, Mapping[str, float]] = {}
+        for user in counts:  # a lazy mapping is only evaluated for the users rebuilt
+            change = changes.get(user)
+            entry = self._systems.get(user)
+            if change is not None and entry is not None and entry.offset == change.before:
+                incremental[user] = change
+            else:
+                rebuild[user] = counts[user]
+        systems: dict[str, _System] = {}
+        if rebuild:
+            systems.update(self._build_systems(rebuild))
+        if incremental:
+            systems.update(self._update_systems(incremental))
+        if generation == self._generation:  # no track vector changed meanwhile (add_tracks runs on another thread)
+            for user, change in changes.items():
+                if user in systems:
+                    self._remember(user, systems[user], change.after)
+        solvable = [u for u, system in systems.items() if system.known]
+        if not solvable:
+            return {}
+        gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
+        solved = solve_assembled(
+            np.stack([systems[u].S for u in solvable]), np.stack([systems[u].b for u in solvable]), gram_reg
+        )
+        return dict(zip(solvable, solved))
+
+    def _confidence(self, streams: np.ndarray) -> np.ndarray:
+        return confidence_minus_one(streams, self.params.alpha, self.params.confidence, self.params.eps).astype(
+            np.float64
+        )
+
+    def _build_systems(self, counts: Mapping[str, Mapping[str, float]]) -> dict[str, _System]:
+        """S_u, b_u from every known streamed track of each user."""
         tracks, vectors = self._gather(t for per_user in counts.values() for t, c in per_user.items() if c > 0)
-        if not tracks:
-            return {}
         column = {t: j for j, t in enumerate(tracks)}
-        users, rows, cols, data = [], [], [], []
+        users, indptr, cols, data, news = [], [0], [], [], []
         for user, per_user in counts.items():
-            entries = [(column[t], c) for t, c in per_user.items() if c > 0 and t in column]
-            if not entries:
-                continue
-            r = len(users)
+            known = [(column[t], c) for t, c in per_user.items() if c > 0 and t in column]
             users.append(user)
-            for j, c in entries:
-                rows.append(r)
-                cols.append(j)
-                data.append(c)
-        if not users:
-            return {}
-        plays = sp.csr_matrix((np.asarray(data, np.float32), (rows, cols)), shape=(len(users), len(tracks)))
-        solved = fold_in(plays, vectors, self.params, gram=self.item_gram)
-        return dict(zip(users, solved))
+            cols.extend(j for j, _ in known)
+            data.extend(c for _, c in known)
+            indptr.append(len(cols))
+            news.append({t for t in per_user if t not in self.item_index})
+        w = self._confidence(np.asarray(data, dtype=np.float64))
+        S, b = assemble_rows(np.asarray(indptr), np.asarray(cols, dtype=np.int64), w, 1.0 + w, vectors)
+        known_rows = np.diff(indptr) > 0
+        return {u: _System(S[i], b[i], -1, bool(known_rows[i]), news[i]) for i, u in enumerate(users)}
+
+    def _update_systems(self, changes: Mapping[str, UserChange]) -> dict[str, _System]:
+        """Add the plays of `changes` to the cached systems (exact rank-one updates, batched)."""
+        users = list(changes)
+        pairs = [(u, t, n, full) for u in users for t, (n, full) in changes[u].added.items() if n > 0]
+        tracks, vectors = self._gather(t for _, t, _, _ in pairs)
+        column = {t: j for j, t in enumerate(tracks)}
+        row = {u: i for i, u in enumerate(users)}
+        kept = [(row[u], column[t], float(full), float(n)) for u, t, n, full in pairs if t in column]
+        kept.sort()
+        rows = np.array([r for r, _, _, _ in kept], dtype=np.int64)
+        cols = np.array([c for _, c, _, _ in kept], dtype=np.int64)
+        after = np.array([a for _, _, a, _ in kept], dtype=np.float64)
+        before = after - np.array([n for _, _, _, n in kept], dtype=np.float64)
+        w_after, w_before = self._confidence(after), self._confidence(np.maximum(before, 0.0))
+        fresh = before <= 0
+        s_w = np.where(fresh, w_after, w_after - w_before)
+        b_w = np.where(fresh, 1.0 + w_after, w_after - w_before)
+        indptr = np.searchsorted(rows, np.arange(len(users) + 1))
+        dS, db = assemble_rows(indptr, cols, s_w, b_w, vectors)
+        out = {}
+        for i, user in enumerate(users):
+            entry = self._systems[user]
+            news = entry.news | {t for t in changes[user].added if t not in self.item_index}
+            out[user] = _System(
+                entry.S + dS[i], entry.b + db[i], -1, entry.known or bool(indptr[i + 1] > indptr[i]), news
+            )
+        return out
+
+    def advance(self, user: str, before: int, after: int) -> None:
+        """A batch moved the user's state offset without adding streams: the cached system stays valid."""
+        entry = self._systems.get(user)
+        if entry is not None and entry.offset == before:
+            self._systems[user] = entry._replace(offset=after)
+
+    def users_moved(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Keep X^T X current when many user vectors change: old/new (n, k), zero rows for none."""
+        old64, new64 = np.asarray(old, dtype=np.float64), np.asarray(new, dtype=np.float64)
+        self.user_gram = self.user_gram - old64.T @ old64 + new64.T @ new64
+
+    def _remember(self, user: str, system: _System, offset: int) -> None:
+        """Cache a user's system at `offset` (LRU, bounded); index its non-model tracks for invalidation."""
+        self._systems[user] = system._replace(offset=offset)
+        self._systems.move_to_end(user)
+        for track in system.news:
+            self._track_users.setdefault(track, set()).add(user)
+        while len(self._systems) > self.system_cache_users:
+            self._systems.popitem(last=False)
 
     def fold_in_tracks(self, listeners: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
         """Exact item half-step for new tracks: {track: (listener vectors (n, k), streams (n,))}."""
@@ -178,17 +296,13 @@ class LiveModel:
         solved = fold_in(plays, np.concatenate(blocks), self.params, gram=self.user_gram)
         return dict(zip(tracks, solved))
 
-    def user_moved(self, old: np.ndarray | None, new: np.ndarray) -> None:
-        """Keep X^T X current when a user's vector changes (the fixed side of track fold-in)."""
-        if old is not None:
-            old64 = np.asarray(old, dtype=np.float64)
-            self.user_gram -= np.outer(old64, old64)
-        new64 = np.asarray(new, dtype=np.float64)
-        self.user_gram += np.outer(new64, new64)
-
     def add_tracks(self, vectors: Mapping[str, np.ndarray]) -> None:
         """Insert (or update) folded-in tracks: searchable at once, part of later user fold-ins."""
         fresh: list[str] = []
+        self._generation += 1
+        for track in vectors:  # cached systems that count these tracks were built without (or with old) vectors
+            for user in self._track_users.pop(track, ()):
+                self._systems.pop(user, None)
         gram = self.item_gram.copy()  # copy-on-write: a fold-in running in a thread keeps a consistent gram
         for track, vector in vectors.items():
             if track in self.item_index:
@@ -251,7 +365,7 @@ class LiveModel:
     def popular_for(self, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
         """The popularity fallback: most-listened tracks of the training data (score = listeners)."""
         exclude = set(exclude)
-        return [Scored(t, float(n)) for t, n in self.popular if t not in exclude][:k]
+        return list(itertools.islice((Scored(t, float(n)) for t, n in self.popular if t not in exclude), k))
 
     def explain(self, counts: Mapping[str, float], track: str, top: int = 10) -> dict:
         """Contributions of the user's streamed tracks to `track`'s score (Hu et al. section 5)."""

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -43,7 +44,7 @@ from stream.codec import (
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
-from stream.live_model import LiveModel
+from stream.live_model import LiveModel, UserChange
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
@@ -256,6 +257,7 @@ class StreamWorker:
             partitions[event.user] = message.partition
         states: dict[str, UserState] = {}
         added: dict[str, dict[str, int]] = {}
+        before: dict[str, int] = {}
         applied = streams = 0
         for user, plays in events.items():
             state = unpack_user(self.users.get(user.encode()))
@@ -269,10 +271,13 @@ class StreamWorker:
                     new[track] = new.get(track, 0) + 1
                     state.counts[track] = state.counts.get(track, 0) + 1
             streams += sum(new.values())
+            before[user] = state.offset
             states[user] = state._replace(offset=max(p[0] for p in fresh))
             if new:
                 added[user] = new
-        vectors = await self._fold_in({u: states[u] for u in added}, added) if added and self.live else {}
+            elif self.live is not None:
+                self.live.advance(user, before[user], states[user].offset)
+        vectors = await self._fold_in(states, added, before) if added and self.live else {}
         version = self.live.version if self.live is not None else None
         entries = []
         for user, state in states.items():
@@ -294,15 +299,28 @@ class StreamWorker:
         ]
         await self.dead_letter.send(key=message.key, value=message.value or b"", headers=headers)
 
-    async def _fold_in(self, states: dict[str, UserState], added: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+    async def _fold_in(
+        self, states: dict[str, UserState], added: dict[str, dict[str, int]], before: dict[str, int]
+    ) -> dict[str, np.ndarray]:
         """Solve the changed users' vectors (off the event loop) and forward plays of unknown tracks."""
         live = self.live
-        full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
-        vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full)
-        for user, vector in vectors.items():
-            state = states[user]
-            old = state.vector if state.version == live.version else live.model_user_vector(user)
-            live.user_moved(old, vector)
+        changes = {
+            user: UserChange(
+                before[user],
+                states[user].offset,
+                {t: (n, live.full_count(user, t, states[user].counts[t])) for t, n in new.items()},
+            )
+            for user, new in added.items()
+        }
+        full = _FullCounts(live, {user: states[user] for user in added})
+        vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full, changes)
+        if vectors:
+            olds = []
+            for user in vectors:
+                state = states[user]
+                old = state.vector if state.version == live.version else live.model_user_vector(user)
+                olds.append(np.zeros(live.k, np.float32) if old is None else old)
+            live.users_moved(np.stack(olds), np.stack(list(vectors.values())))
         self.metrics.user_fold_ins.inc(len(vectors))
         # plays of tracks the model does not know go to the track side, with the listener's vector
         for user, tracks in added.items():
@@ -422,3 +440,23 @@ class StreamWorker:
             self.metrics.lag.set(max(0, highwater - committed))
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
+
+
+class _FullCounts(Mapping):
+    """{user: full counts}, computed only for the users whose fold-in is rebuilt from all their counts."""
+
+    def __init__(self, live: LiveModel, states: dict[str, UserState]) -> None:
+        self.live = live
+        self.states = states
+        self._done: dict[str, dict[str, float]] = {}
+
+    def __getitem__(self, user: str) -> dict[str, float]:
+        if user not in self._done:
+            self._done[user] = self.live.full_counts(user, self.states[user].counts)
+        return self._done[user]
+
+    def __iter__(self):
+        return iter(self.states)
+
+    def __len__(self) -> int:
+        return len(self.states)

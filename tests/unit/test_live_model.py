@@ -93,3 +93,43 @@ def test_popularity_and_explanation(published):
     )
     with pytest.raises(UnknownTrackError):
         live.similar("nope")
+
+
+def test_incremental_fold_in_equals_a_rebuild(published):
+    """Cached systems updated with a batch's plays give the same vectors as solving from all counts."""
+    from stream.live_model import UserChange
+
+    store, _plays = published
+    live = LiveModel(store.load(), use_index=False)
+    fresh = LiveModel(store.load(), use_index=False)
+    rng = np.random.default_rng(4)
+    counts = {"a": {"t1": 3.0, "t2": 1.0}, "b": {"t5": 2.0, "unknown-x": 4.0}}
+    offsets = {"a": 10, "b": 20}
+    first = live.fold_in_users(counts, {u: UserChange(-1, offsets[u], {}) for u in counts})
+    for _step in range(5):
+        changes = {}
+        for user in counts:
+            added = {f"t{int(rng.integers(0, 30))}": int(rng.integers(1, 3)) for _ in range(3)}
+            for track, n in added.items():
+                counts[user][track] = counts[user].get(track, 0.0) + n
+            changes[user] = UserChange(
+                offsets[user], offsets[user] + 5, {t: (n, counts[user][t]) for t, n in added.items()}
+            )
+            offsets[user] += 5
+        got = live.fold_in_users(counts, changes)
+        want = fresh.fold_in_users(counts)
+        for user in counts:
+            np.testing.assert_allclose(got[user], want[user], rtol=1e-5, atol=1e-7)
+        assert all(live._systems[u].offset == offsets[u] for u in counts)
+    assert set(first) == {"a", "b"}
+    # a change that does not follow the cached offset rebuilds from all counts (still exact)
+    counts["a"]["t3"] = counts["a"].get("t3", 0.0) + 1
+    got = live.fold_in_users(counts, {"a": UserChange(999, 1000, {"t3": (1, counts["a"]["t3"])})})
+    np.testing.assert_allclose(got["a"], fresh.fold_in_users({"a": counts["a"]})["a"], rtol=1e-5, atol=1e-7)
+    # a folded-in track's vector invalidates the systems that count it
+    live.add_tracks({"unknown-x": np.ones(live.k, np.float32)})
+    fresh.add_tracks({"unknown-x": np.ones(live.k, np.float32)})
+    assert "b" not in live._systems
+    counts["b"]["t1"] = counts["b"].get("t1", 0.0) + 1
+    got = live.fold_in_users(counts, {"b": UserChange(offsets["b"], offsets["b"] + 1, {"t1": (1, counts["b"]["t1"])})})
+    np.testing.assert_allclose(got["b"], fresh.fold_in_users({"b": counts["b"]})["b"], rtol=1e-5, atol=1e-7)
