@@ -10,7 +10,7 @@ DATA ?= $(or $(PLAYREC_DATA),../shared/data)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,spark]"
 	touch $(STAMP)
 
 venv: $(STAMP)
