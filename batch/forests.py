@@ -20,9 +20,10 @@ COSINE_PREFIX = "forest-cosine"
 
 @dataclass(frozen=True)
 class ForestParams:
-    """Forest shape: more trees raise recall and build time; leaf_size bounds items per leaf."""
+    """Forest shape. One tree with 64-item leaves uses the leaf-scan search, the fastest measured
+    (docs/BENCHMARKS-forest.md); more trees switch to the tree walk. leaf_size bounds items per leaf."""
 
-    n_trees: int = 50
+    n_trees: int = 1
     leaf_size: int = 64
     seed: int = 0
 

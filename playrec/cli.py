@@ -72,7 +72,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--spark-master", default="local[2]", help="Spark master URL for --engine spark")
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
-    parser.add_argument("--trees", type=_positive_int, default=50, help="trees of each search forest (default 50)")
+    parser.add_argument(
+        "--trees", type=_positive_int, default=1, help="trees of each search forest (default 1: leaf-scan search)"
+    )
     parser.add_argument("--no-index", action="store_true", help="build no search forest (exact scoring only)")
     parser.add_argument("--app-id", default="playrec", help="the workers' app id, for --from-kafka (default playrec)")
     parser.add_argument(

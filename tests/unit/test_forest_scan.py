@@ -37,7 +37,11 @@ def test_scan_recall_against_brute_force(metric: str, n_trees: int) -> None:
 
 def test_auto_mode_picks_scan_for_few_trees_and_tree_walk_for_many() -> None:
     x = _random(4000)
-    assert HyperplaneForest(DIM, "dot", n_trees=1, leaf_size=32).build(x, np.arange(4000))._use_scan(100)
+    one = HyperplaneForest(DIM, "dot", n_trees=1, leaf_size=32).build(x, np.arange(4000))
+    assert one._use_scan(100)
+    q = _random(50, seed=2)
+    ids, _ = one.query_batch(q, k=10)  # default search_k = max(20 k n_trees, 1000 k): enough for one tree
+    assert _recall(ids, _exact(x, q, "dot", 10)) >= 0.95
     many = HyperplaneForest(DIM, "dot", n_trees=20, leaf_size=8).build(x, np.arange(4000))
     assert not many._use_scan(1000)
     assert many._use_scan(10**6)
