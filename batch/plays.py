@@ -168,6 +168,42 @@ def iter_play_rows(path: str | Path, summary: ReadSummary | None = None) -> Iter
             yield PlayRow(lineno, user, track, value, stamp)
 
 
+class CountsBuilder:
+    """Collects (user, track, streams[, timestamp]) triplets with id interning, then builds `PlayCounts`."""
+
+    def __init__(self) -> None:
+        self.user_index: dict[str, int] = {}
+        self.item_index: dict[str, int] = {}
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.values: list[float] = []
+        self.stamps: list[float] = []
+
+    def add(self, user: str, track: str, streams: float, ts: float | None = None) -> None:
+        self.rows.append(self.user_index.setdefault(user, len(self.user_index)))
+        self.cols.append(self.item_index.setdefault(track, len(self.item_index)))
+        self.values.append(streams)
+        if ts is not None:
+            self.stamps.append(ts)
+
+    def add_user(self, user: str) -> None:
+        """A user with no streams (kept in the ids)."""
+        self.user_index.setdefault(user, len(self.user_index))
+
+    def build(self, summary: ReadSummary | None = None) -> PlayCounts:
+        summary = summary if summary is not None else ReadSummary()
+        summary.rows = len(self.rows)
+        return assemble_counts(
+            np.asarray(self.rows, dtype=np.int64),
+            np.asarray(self.cols, dtype=np.int64),
+            np.asarray(self.values, dtype=np.float64),
+            np.asarray(self.stamps, dtype=np.float64) if self.stamps else None,
+            np.array(list(self.user_index), dtype=str),
+            np.array(list(self.item_index), dtype=str),
+            summary,
+        )
+
+
 def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
     """Read a CSV/TSV file of `user, track, plays[, timestamp]` rows into `PlayCounts`.
 
@@ -177,30 +213,12 @@ def read_play_counts(path: str | Path, binarize: bool = False) -> PlayCounts:
     `PlaysFileError` naming the line for bad input, or for a file without any play row.
     """
     summary = ReadSummary()
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    rows: list[int] = []
-    cols: list[int] = []
-    plays: list[float] = []
-    stamps: list[float] = []
+    builder = CountsBuilder()
     for row in iter_play_rows(path, summary):
-        rows.append(user_index.setdefault(row.user, len(user_index)))
-        cols.append(item_index.setdefault(row.track, len(item_index)))
-        plays.append(1.0 if binarize else row.plays)
-        if row.ts is not None:
-            stamps.append(row.ts)
-    if not rows:
+        builder.add(row.user, row.track, 1.0 if binarize else row.plays, row.ts)
+    if not builder.rows:
         raise PlaysFileError(f"{path}: no play rows found (file is empty or holds only a header)")
-    summary.rows = len(rows)
-    return assemble_counts(
-        np.asarray(rows, dtype=np.int64),
-        np.asarray(cols, dtype=np.int64),
-        np.asarray(plays, dtype=np.float64),
-        np.asarray(stamps, dtype=np.float64) if stamps else None,
-        np.array(list(user_index), dtype=str),
-        np.array(list(item_index), dtype=str),
-        summary,
-    )
+    return builder.build(summary)
 
 
 def assemble_counts(
@@ -239,23 +257,7 @@ def counts_from_events(events: Iterable[tuple[str, str, int]], min_ms_played: in
     An event is a stream when `ms_played >= min_ms_played` (DESIGN.md: 30 s by default). Users and
     tracks seen only in shorter plays keep their ids with no preference.
     """
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    rows: list[int] = []
-    cols: list[int] = []
-    values: list[float] = []
-    summary = ReadSummary()
+    builder = CountsBuilder()
     for user, track, ms_played in events:
-        rows.append(user_index.setdefault(user, len(user_index)))
-        cols.append(item_index.setdefault(track, len(item_index)))
-        values.append(1.0 if ms_played >= min_ms_played else 0.0)
-    summary.rows = len(rows)
-    return assemble_counts(
-        np.asarray(rows, dtype=np.int64),
-        np.asarray(cols, dtype=np.int64),
-        np.asarray(values, dtype=np.float64),
-        None,
-        np.array(list(user_index), dtype=str),
-        np.array(list(item_index), dtype=str),
-        summary,
-    )
+        builder.add(user, track, 1.0 if ms_played >= min_ms_played else 0.0)
+    return builder.build()

@@ -13,9 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from batch.plays import PlayCounts, ReadSummary, assemble_counts
+from batch.plays import CountsBuilder, PlayCounts
 from batch.user_state import UserStateError, changelog_topic, unpack_user
 
 log = logging.getLogger(__name__)
@@ -122,24 +120,11 @@ def snapshot_counts(
 
 
 def _counts(states: dict) -> PlayCounts:
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    rows, cols, values = [], [], []
+    builder = CountsBuilder()
     for user, state in states.items():
-        u = user_index.setdefault(user, len(user_index))
+        builder.add_user(user)
         for track, count in state.counts.items():
-            rows.append(u)
-            cols.append(item_index.setdefault(track, len(item_index)))
-            values.append(float(count))
-    if not rows:
+            builder.add(user, track, float(count))
+    if not builder.rows:
         raise SnapshotError("the stream holds no streams yet: nothing to train on")
-    summary = ReadSummary(rows=len(rows))
-    return assemble_counts(
-        np.asarray(rows, dtype=np.int64),
-        np.asarray(cols, dtype=np.int64),
-        np.asarray(values, dtype=np.float64),
-        None,
-        np.array(list(user_index), dtype=str),
-        np.array(list(item_index), dtype=str),
-        summary,
-    )
+    return builder.build()

@@ -285,6 +285,30 @@ def test_train_from_the_stream_snapshot(env, tmp_path, capsys):
     assert ModelStore(tmp_path / "s").load().manifest["input"]["skipped_records"] == 1
 
 
+def retrain_args(env, store_root, iterations: int, trees: int, tolerance: float) -> list[str]:
+    """`playrec retrain --once` against this module's stream (its changelog holds one foreign record)."""
+    return [
+        "retrain",
+        "--once",
+        "--from-kafka",
+        env["bootstrap"],
+        "--app-id",
+        env["prefix"] + "app",
+        "--out",
+        str(store_root),
+        "--factors",
+        "8",
+        "--iterations",
+        str(iterations),
+        "--trees",
+        str(trees),
+        "--no-progress",
+        "--skip-bad-records",
+        "--tolerance",
+        str(tolerance),
+    ]
+
+
 def test_retrain_cycle_gates_publishes_and_the_stream_reconciles(env, capsys):
     """`playrec retrain --once`: snapshot, gate, publish, announce; plays during the retrain show after the swap."""
     import threading
@@ -294,29 +318,8 @@ def test_retrain_cycle_gates_publishes_and_the_stream_reconciles(env, capsys):
     shared, store = env["shared"], env["store"]
     worker = shared.worker
     before = worker.get("/ready")["version"]
-    args = [
-        "retrain",
-        "--once",
-        "--from-kafka",
-        env["bootstrap"],
-        "--app-id",
-        env["prefix"] + "app",
-        "--out",
-        str(store.root),
-        "--factors",
-        "8",
-        "--iterations",
-        "4",
-        "--trees",
-        "5",
-        "--no-progress",
-        "--skip-bad-records",
-        "--announce",
-        "--topic-prefix",
-        env["prefix"],
-        "--tolerance",
-        "0.99",
-    ]
+    args = retrain_args(env, store.root, iterations=4, trees=5, tolerance=0.99)
+    args += ["--announce", "--topic-prefix", env["prefix"]]
     late_user = "arrived-during-retrain"
     done = threading.Event()
     results = []
@@ -345,7 +348,7 @@ def test_retrain_cycle_gates_publishes_and_the_stream_reconciles(env, capsys):
     body = worker.get(f"/users/{late_user}/recommendations?k=3")
     assert body["version"] == version and body["source"] == "fold-in"
     # a candidate much worse than the live model is not published, and the command still exits 0
-    bad = [*args[:-2], "--tolerance", "0", "--iterations", "0", "--no-index"]  # untrained factors
+    bad = [*retrain_args(env, store.root, iterations=0, trees=1, tolerance=0.0), "--no-index"]  # untrained factors
     assert main(bad) == 0
     assert "kept the live model" in capsys.readouterr().out and store.current_version() == version
 
@@ -360,29 +363,7 @@ def test_retrain_killed_at_any_point_leaves_the_store_consistent(env, tmp_path):
     store = ModelStore(tmp_path / "store")
     shutil.copytree(env["store"].root, store.root)
     live = store.current_version()
-    cmd = [
-        sys.executable,
-        "-m",
-        "playrec.cli",
-        "retrain",
-        "--once",
-        "--from-kafka",
-        env["bootstrap"],
-        "--app-id",
-        env["prefix"] + "app",
-        "--out",
-        str(store.root),
-        "--factors",
-        "8",
-        "--iterations",
-        "30",
-        "--trees",
-        "20",
-        "--no-progress",
-        "--tolerance",
-        "0.99",
-        "--skip-bad-records",
-    ]
+    cmd = [sys.executable, "-m", "playrec.cli", *retrain_args(env, store.root, iterations=30, trees=20, tolerance=0.99)]
     for delay in (0.8, 1.6, 2.4, 3.2, 4.0, 5.0):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
