@@ -25,6 +25,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.fold_in_seconds = Histogram(
+            "playrec_fold_in_seconds",
+            "Time to fold in the users of one micro-batch and store their vectors",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_events = Histogram(
             "playrec_batch_events",
             "Events per micro-batch",

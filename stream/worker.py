@@ -68,6 +68,7 @@ class StreamWorker:
         self.live: LiveModel | None = None
         self.track_vectors: dict[str, np.ndarray] = {}
         self.partitioner = KeyPartitioner(settings.partitions)
+        self._fold_task: asyncio.Future | None = None
         self._swap_lock = asyncio.Lock()
         P = settings.partitions
         self.topics = topics = settings.topics
@@ -129,6 +130,7 @@ class StreamWorker:
         )
         app.task(self.model_reader.run)
         app.task(self.track_reader.run)
+        app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
         from stream.web import register_views
@@ -277,19 +279,33 @@ class StreamWorker:
                 added[user] = new
             elif self.live is not None:
                 self.live.advance(user, before[user], states[user].offset)
-        vectors = await self._fold_in(states, added, before) if added and self.live else {}
-        version = self.live.version if self.live is not None else None
-        entries = []
-        for user, state in states.items():
-            vector = vectors.get(user)
-            if vector is not None:
-                state = state._replace(version=version, vector=vector)
-            entries.append((user.encode(), pack_user(state), partitions[user]))
-        await self.user_writer.write(entries)
+        # Stage A: the counts are written (and made durable) before the batch is acked.
+        await self.user_writer.write([(u.encode(), pack_user(st), partitions[u]) for u, st in states.items()])
         self.metrics.events.inc(applied)
         self.metrics.streams.inc(streams)
         self.metrics.batch_events.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        # Stage B: fold-in runs in a thread while the next batch is decoded and counted (one batch in flight,
+        # so cached systems advance in order); its vectors are merged into the rows when done.
+        if added and self.live is not None:
+            await self.wait_fold_in()
+            self._fold_task = asyncio.ensure_future(
+                self._fold_in({u: states[u] for u in added}, added, before, partitions)
+            )
+
+    async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        """Finish the fold-in in flight before partitions move: its rows must reach the changelog before
+        the next owner recovers them (a later write from here would overwrite the new owner's rows)."""
+        await self.wait_fold_in()
+
+    async def wait_fold_in(self) -> None:
+        """Wait for the micro-batch fold-in in flight (if any); its failure is logged, not raised."""
+        task, self._fold_task = self._fold_task, None
+        if task is not None:
+            try:
+                await task
+            except Exception:
+                log.exception("fold-in of a micro-batch failed; its users are folded in again on their next plays")
 
     async def _dead_letter(self, message: Any, reason: str) -> None:
         self.metrics.dead_letters.labels(dead_letter_kind(reason)).inc()
@@ -300,10 +316,16 @@ class StreamWorker:
         await self.dead_letter.send(key=message.key, value=message.value or b"", headers=headers)
 
     async def _fold_in(
-        self, states: dict[str, UserState], added: dict[str, dict[str, int]], before: dict[str, int]
+        self,
+        states: dict[str, UserState],
+        added: dict[str, dict[str, int]],
+        before: dict[str, int],
+        partitions: dict[str, int],
     ) -> dict[str, np.ndarray]:
-        """Solve the changed users' vectors (off the event loop) and forward plays of unknown tracks."""
+        """Solve the changed users' vectors (off the event loop), merge them into the users' current
+        rows, and forward plays of unknown tracks."""
         live = self.live
+        started = time.perf_counter()
         changes = {
             user: UserChange(
                 before[user],
@@ -312,15 +334,19 @@ class StreamWorker:
             )
             for user, new in added.items()
         }
-        full = _FullCounts(live, {user: states[user] for user in added})
+        full = _FullCounts(live, states)
         vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full, changes)
+        entries, olds = [], []
+        for user, vector in vectors.items():
+            key = user.encode()
+            current = unpack_user(self.users.get(key))  # counts may have moved on: keep them, set the vector
+            old = current.vector if current.version == live.version else live.model_user_vector(user)
+            olds.append(np.zeros(live.k, np.float32) if old is None else old)
+            entries.append((key, pack_user(current._replace(version=live.version, vector=vector)), partitions[user]))
         if vectors:
-            olds = []
-            for user in vectors:
-                state = states[user]
-                old = state.vector if state.version == live.version else live.model_user_vector(user)
-                olds.append(np.zeros(live.k, np.float32) if old is None else old)
             live.users_moved(np.stack(olds), np.stack(list(vectors.values())))
+        await self.user_writer.write(entries)
+        self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))
         # plays of tracks the model does not know go to the track side, with the listener's vector
         for user, tracks in added.items():
