@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from batch.confidence import CONFIDENCE_KINDS, ConfidenceKind, confidence_matrix
-from batch.solvers import SOLVERS, Solver, half_step, row_chunks
+from batch.solvers import SOLVERS, Solver, half_step, row_chunks, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,8 @@ def train_als(
         result.seconds.append(time.perf_counter() - start)
         result.user_factors, result.item_factors = X, Y
         if compute_loss:
-            result.losses.append(hu_loss(cm1, X, Y, params.reg) / norm)
+            with single_threaded_blas():  # like the half-steps: BLAS threads only contend on a busy box
+                result.losses.append(hu_loss(cm1, X, Y, params.reg) / norm)
             bar.set_postfix(loss=f"{result.losses[-1]:.6f}", s_per_it=f"{result.seconds[-1]:.2f}")
         if callback is not None:
             callback(iteration, result)

@@ -361,7 +361,7 @@ def half_step(
         raise SolverError(f"x must be shaped {(cm1.shape[0], other.shape[1])}, got {x.shape}")
     if cg_steps < 1:
         raise SolverError(f"cg_steps must be >= 1, got {cg_steps}")
-    with _single_threaded_blas():
+    with single_threaded_blas():
         return _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram)
 
 
@@ -402,7 +402,7 @@ def _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram) -> np.ndar
     return out
 
 
-def _single_threaded_blas() -> contextlib.AbstractContextManager:
+def single_threaded_blas() -> contextlib.AbstractContextManager:
     """BLAS limited to one thread while the half-step runs: its products are small and our thread pool
     already uses every core; a multi-threaded BLAS underneath oversubscribes them (many times slower)."""
     if _threadpool_limits is None:  # pragma: no cover - threadpoolctl not installed
