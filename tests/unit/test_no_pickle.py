@@ -1,4 +1,4 @@
-"""playrec stores only npy / json / msgpack: no pickle, no eval, no allow_pickle=True anywhere."""
+"""playrec stores only npy / json / msgpack: no pickle, no eval, and np.load always refuses pickled objects."""
 
 import re
 from pathlib import Path
