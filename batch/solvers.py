@@ -35,6 +35,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from batch.exact import solve_rows_exact
+
 try:  # optional: keeps BLAS to one thread inside our own thread pool (no oversubscription)
     from threadpoolctl import threadpool_limits as _threadpool_limits
 except ImportError:  # pragma: no cover
@@ -51,7 +53,7 @@ SOLVERS = ("cg", "cholesky")
 #: Padded non-zeros per group of CG rows: the gathered (rows, width, k) float32 block (1.3 MB at
 #: k = 40) stays within a core's L2 cache. Measured on the 2-core dev machine: 8192 beat 2048-16384.
 CG_CHUNK_NNZ = 8192
-#: The exact solver materialises (nnz, k, k) outer products, so its chunks are smaller.
+#: Non-zeros per work item of the exact solver (batch.exact bounds its own padded blocks).
 EXACT_CHUNK_NNZ = 1024
 #: At most this many rows per group (rows of degree 1 to 3): bounds the (rows, k) CG vectors.
 MAX_CHUNK_ROWS = 2048
@@ -95,16 +97,6 @@ def row_chunks(indptr: np.ndarray, target_nnz: int, max_rows: int) -> Iterator[t
         stop = min(max(stop, start + 1), start + max_rows, n_rows)
         yield start, stop
         start = stop
-
-
-def _segment_sum(values: np.ndarray, indptr: np.ndarray, n_rows: int) -> np.ndarray:
-    """Sum `values` (nnz, ...) over the CSR segments of `indptr` (n_rows + 1); empty rows give zero."""
-    out = np.zeros((n_rows, *values.shape[1:]), dtype=values.dtype)
-    starts = indptr[:-1]
-    nonempty = indptr[1:] > starts
-    if values.shape[0]:
-        out[nonempty] = np.add.reduceat(values, starts[nonempty], axis=0)
-    return out
 
 
 def _spmm(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dense: np.ndarray, out: np.ndarray) -> None:
@@ -312,29 +304,6 @@ def _dense_work(indptr, indices, data, rows, other, gram_reg, x, out, steps) -> 
     out[rows] = _cg_dense(indptr, indices, data, rows, other, gram_reg, x[rows], steps)
 
 
-def _exact_chunk(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    cm1: np.ndarray,
-    other: np.ndarray,
-    gram_reg: np.ndarray,
-) -> np.ndarray:
-    """Exact solution for one chunk of rows, assembled and solved in float64; returns (m, k)."""
-    m = len(indptr) - 1
-    k = other.shape[1]
-    Yg = np.take(other, indices, axis=0).astype(np.float64)
-    weights = cm1.astype(np.float64)
-    b = _segment_sum(Yg * (weights + 1.0)[:, None], indptr, m)
-    if m == 1:
-        A = (gram_reg + (Yg * weights[:, None]).T @ Yg)[None]
-    else:
-        outer = np.einsum("ij,ik->ijk", Yg * weights[:, None], Yg)
-        A = _segment_sum(outer, indptr, m) + gram_reg[None]
-    out = np.linalg.solve(A, b[:, :, None])[:, :, 0]
-    out[np.diff(indptr) == 0] = 0.0
-    return out.reshape(m, k).astype(np.float32)
-
-
 def half_step(
     cm1: sp.csr_matrix,
     other: np.ndarray,
@@ -445,7 +414,7 @@ def _padded_work(indptr, indices, data, rows, other, gram_reg, x, out, steps) ->
 
 def _exact_work(indptr, indices, data, other, gram_reg64, out, lo, hi) -> None:
     s, e = indptr[lo], indptr[hi]
-    out[lo:hi] = _exact_chunk(indptr[lo : hi + 1] - s, indices[s:e], data[s:e], other, gram_reg64)
+    out[lo:hi] = solve_rows_exact(indptr[lo : hi + 1] - s, indices[s:e], data[s:e], other, gram_reg64)
 
 
 def _run(work_items: list[Callable[[], None]], n_threads: int | None) -> None:
