@@ -19,7 +19,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import msgpack
 import pytest
 
 from benchmarks.stream_ingest import get_json, produce_plays, start_worker, status, stop_worker
+from tests.integration.workers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +46,6 @@ def _events(
         value = msgpack.packb({"user": user, "track": track, "ts": 1_700_000_000_000 + i, "ms_played": 1000 + i})
         out.append((user.encode(), value))
     return out
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with the last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def dump(port: int) -> dict[str, dict[str, int]] | None:
@@ -142,12 +131,12 @@ def test_ingest_counts_recovery_and_rebalance(
 
     # (a) one worker counts everything exactly ------------------------------------------------
     p1 = launch("w1")
-    wait_for("w1 to own all partitions", lambda: (s := status(p1)) and s["assigned"] == list(range(PARTITIONS)), 60)
-    wait_for("w1 table == input", lambda: dump(p1) == expected, 60)
+    wait_for(lambda: (s := status(p1)) and s["assigned"] == list(range(PARTITIONS)), 60, "w1 to own all partitions")
+    wait_for(lambda: dump(p1) == expected, 60, "w1 table == input")
     wait_for(
-        "committed offsets == produced",
         lambda: committed_total(kafka_bootstrap, app_id, unique_topic) == group_total,
         30,
+        "committed offsets == produced",
     )
     changelog = changelog_partitions(kafka_bootstrap, f"{app_id}-counts-changelog")
     changelog = {json.loads(k).encode(): parts for k, parts in changelog.items()}  # table keys are JSON
@@ -158,8 +147,8 @@ def test_ingest_counts_recovery_and_rebalance(
     # (b) SIGTERM, then a fresh worker rebuilds the table from the changelog --------------------
     assert stop_worker(procs[p1], timeout=30) == 0
     p2 = launch("w2")
-    wait_for("w2 recovered", lambda: (s := status(p2)) and s["recovered"] and len(s["assigned"]) == PARTITIONS, 60)
-    wait_for("w2 table == input", lambda: dump(p2) == expected, 30)
+    wait_for(lambda: (s := status(p2)) and s["recovered"] and len(s["assigned"]) == PARTITIONS, 60, "w2 recovered")
+    wait_for(lambda: dump(p2) == expected, 30, "w2 table == input")
     assert status(p2)["events"] == 0, "a recovered worker must not re-process committed records"
 
     # (c) a second worker joins, more input arrives, then the second one is killed --------------
@@ -172,7 +161,7 @@ def test_ingest_counts_recovery_and_rebalance(
         a2, a3 = set(s2["assigned"]), set(s3["assigned"])
         return bool(a2 and a3 and not a2 & a3 and a2 | a3 == set(range(PARTITIONS)) and s3["recovered"])
 
-    wait_for("w2 and w3 to split the partitions", split, 60)
+    wait_for(split, 60, "w2 and w3 to split the partitions")
     more = _events(6_000, users=500, tracks=60, seed=2, expected=expected)
     partition_of.update(
         produce_plays(kafka_bootstrap, unique_topic, more, partitions=PARTITIONS, create=False)["partition_of"]
@@ -182,16 +171,16 @@ def test_ingest_counts_recovery_and_rebalance(
         d2, d3 = dump(p2), dump(p3)
         return d2 is not None and d3 is not None and not set(d2) & set(d3) and {**d2, **d3} == expected
 
-    wait_for("w2 + w3 tables == all input", union_matches, 60)
+    wait_for(union_matches, 60, "w2 + w3 tables == all input")
     owned3 = set(status(p3)["assigned"])
     assert all(partition_of[u.encode()] in owned3 for u in dump(p3)), "w3 holds a user of a partition it does not own"
 
     stop_worker(procs[p3], sig=signal.SIGKILL)
     wait_for(
-        "w2 to take over all partitions",
         lambda: (
             (s := status(p2)) and s["assigned"] == list(range(PARTITIONS)) and s["recovered"] and not s["rebalancing"]
         ),
         60,
+        "w2 to take over all partitions",
     )
-    wait_for("w2 table == all input", lambda: dump(p2) == expected, 30)
+    wait_for(lambda: dump(p2) == expected, 30, "w2 table == all input")
