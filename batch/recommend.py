@@ -19,6 +19,16 @@ from batch.model_store import Model
 PLAYS_ARRAYS = ("plays_indptr", "plays_indices", "plays_counts")
 
 
+def training_plays(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(indptr, indices, counts) CSR arrays of the counts the model was trained on, memory-mapped;
+    None when the store did not keep them."""
+    paths = [model.artifact(f"{name}.npy") for name in PLAYS_ARRAYS]
+    if not all(p.is_file() for p in paths):
+        return None
+    indptr, indices, counts = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+    return indptr, indices, counts
+
+
 class UnknownIdError(KeyError):
     """A user or track id that the model does not know."""
 
@@ -86,10 +96,10 @@ class Recommender:
     def plays(self) -> sp.csr_matrix | None:
         """The users x tracks counts the model was trained on, when the store kept them."""
         if self._plays is None:
-            paths = [self.model.artifact(f"{name}.npy") for name in PLAYS_ARRAYS]
-            if not all(p.is_file() for p in paths):
+            arrays = training_plays(self.model)
+            if arrays is None:
                 return None
-            indptr, indices, counts = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+            indptr, indices, counts = arrays
             shape = (len(self.model.user_ids), len(self.model.item_ids))
             self._plays = sp.csr_matrix((counts, indices, indptr), shape=shape)
         return self._plays

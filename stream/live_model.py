@@ -29,7 +29,7 @@ from batch.exact import assemble_rows, solve_assembled
 from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.model_store import Model
-from batch.recommend import explain_score, top_k
+from batch.recommend import explain_score, top_k, training_plays
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ class LiveModel:
         self.new_ids: list[str] = []
         self.new_index: dict[str, int] = {}
         self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
-        self.popular = self._popular_tracks(model)
         #: Normal-equation pieces of recently active users (k x k float64 each: ~13 KB at k = 40).
         self.system_cache_users = system_cache_users
         self._systems: OrderedDict[str, _System] = OrderedDict()
@@ -102,7 +101,8 @@ class LiveModel:
         #: A model trained from the stream's own counts already holds them; one trained from a file
         #: does not, so a user's full counts are the model's training counts plus what streamed.
         self.stream_trained = source == "stream"
-        self._plays = self._training_plays(model)
+        self._plays = training_plays(model)
+        self.popular = self._popular_tracks(model, self._plays)
         self._training_cache: dict[str, dict[str, float]] = {}
 
     def training_counts(self, user: str) -> dict[str, float]:
@@ -389,18 +389,9 @@ class LiveModel:
         )
 
     @staticmethod
-    def _training_plays(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        paths = [model.artifact(f"plays_{name}.npy") for name in ("indptr", "indices", "counts")]
-        if not all(p.is_file() for p in paths):
-            return None
-        indptr, indices, counts = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
-        return indptr, indices, counts
-
-    @staticmethod
-    def _popular_tracks(model: Model) -> list[tuple[str, int]]:
-        path = model.artifact("plays_indices.npy")
-        if not path.is_file():
+    def _popular_tracks(model: Model, arrays: tuple | None) -> list[tuple[str, int]]:
+        if arrays is None:
             return []
-        listeners = np.bincount(np.load(path, mmap_mode="r", allow_pickle=False), minlength=len(model.item_ids))
+        listeners = np.bincount(arrays[1], minlength=len(model.item_ids))
         order = np.argsort(-listeners, kind="stable")[:POPULAR_KEPT]
         return [(str(model.item_ids[i]), int(listeners[i])) for i in order if listeners[i] > 0]
