@@ -267,7 +267,10 @@ def _free_ports(count: int, exclude: set[int] | None = None) -> list[int]:
 
 
 def _check_port_free(port: int) -> None:
+    """Fail unless `port` can be listened on; like Kafka's acceptor, connections of a previous broker
+    on the port that linger in TIME_WAIT (a restart on the same port) do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as exc:

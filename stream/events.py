@@ -7,6 +7,7 @@ the reason it is invalid; invalid records go to `plays.dead-letter` with their o
 
 from __future__ import annotations
 
+import re
 import time
 from typing import NamedTuple
 
@@ -36,6 +37,9 @@ _UNPACK_LIMITS = {
     "max_map_len": MAX_MAP_LEN,
     "max_ext_len": 0,
 }
+#: Control characters (C0, DEL, C1) and Unicode line/paragraph separators: they would corrupt logs,
+#: tab-separated exports and numpy's unicode arrays (which drop trailing NULs) if they reached an id.
+_FORBIDDEN_ID_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _REQUIRED = (("user", str), ("track", str), ("ts", int), ("ms_played", int))
 
 
@@ -77,6 +81,9 @@ def decode_play(key: bytes | None, value: bytes | None, now_ms: int | None = Non
     for name, text in (("user", user), ("track", track)):
         if not text or len(text) > MAX_ID_CHARS:
             return None, f"field {name!r} must have 1 to {MAX_ID_CHARS} characters, has {len(text)}"
+        bad = _FORBIDDEN_ID_CHARS.search(text)
+        if bad is not None:
+            return None, f"field {name!r} contains the control character U+{ord(bad.group()):04X} at {bad.start()}"
     event_id = data.get("event_id")
     if event_id is not None and (type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_CHARS):
         return None, "field 'event_id' must be a non-empty string of at most 256 characters"

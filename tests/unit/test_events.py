@@ -61,3 +61,38 @@ def test_missing_key_is_accepted_and_extra_fields_ignored():
 def test_encode_refuses_invalid_events():
     with pytest.raises(EventError, match="negative"):
         encode_play("u", "t", NOW, -5)
+
+
+def test_hostile_payloads_are_rejected_with_reasons_in_bounded_memory():
+    """10K fuzzed payloads (tests/faults/hostile.py): each has a reason, none raises, and decoding
+    them allocates no more than a small constant (no payload's declared length is ever allocated)."""
+    import time
+    import tracemalloc
+
+    from tests.faults.hostile import KINDS, hostile_records
+
+    now = int(time.time() * 1000)
+    records = hostile_records(10_000, seed=3)
+    tracemalloc.start()
+    try:
+        reasons = {}
+        for key, value, kind in records:
+            event, reason = decode_play(key, value, now)
+            assert event is None, (kind, value[:80])
+            assert reason, kind
+            reasons.setdefault(kind, reason)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert set(reasons) == set(KINDS)
+    assert peak < 256 * 1024, f"decoding hostile payloads peaked at {peak} bytes"
+    assert "control character" in reasons["control-chars"]
+    assert "timestamp" in reasons["future-ts"]
+
+
+def test_unusual_but_legal_unicode_ids_are_valid():
+    from tests.faults.hostile import exotic_valid
+
+    for user, track in exotic_valid(12):
+        event, reason = decode_play(*encode_play(user, track, NOW, 60_000), NOW)
+        assert reason == "" and (event.user, event.track) == (user, track)

@@ -1,0 +1,193 @@
+"""Shared parts of the fault tests: a small model, a replayable play log, a rate-limited producer
+thread and exact checks of the workers' counts (over HTTP and in the changelog)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from kafka import KafkaProducer
+
+from batch.als import AlsParams
+from batch.model_store import ModelStore
+from batch.plays import MIN_MS_PLAYED, PlayCounts
+from batch.snapshot import snapshot_counts
+from batch.training import train_and_publish
+from stream.events import encode_play
+
+from ..integration.workers import WorkerProcess, wait_for
+from ..unit.synthetic import random_plays
+
+N_MODEL_USERS, N_TRACKS = 300, 120
+PARTITIONS = 8
+
+
+def publish_model(root: Path) -> ModelStore:
+    """A store with one small model (synthetic users u0.., tracks t0..)."""
+    store = ModelStore(root / "store")
+    plays = random_plays(N_MODEL_USERS, N_TRACKS, 0.08, seed=5)
+    counts = PlayCounts(
+        plays, np.array([f"u{i}" for i in range(N_MODEL_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
+    )
+    train_and_publish(counts, store, AlsParams(factors=8, iterations=4, seed=3), holdout=0, show_progress=False)
+    return store
+
+
+@dataclass
+class PlayLog:
+    """`n` plays: (key, value) records and the counts they must produce (streams >= 30 s)."""
+
+    records: list[tuple[bytes, bytes]]
+    expected: dict[str, dict[str, int]]
+
+    @property
+    def streams(self) -> int:
+        return sum(sum(c.values()) for c in self.expected.values())
+
+
+def play_log(n: int, n_users: int = 2000, seed: int = 0) -> PlayLog:
+    """Model users and new users, known and unknown tracks, ~10% plays shorter than 30 s."""
+    rng = random.Random(seed)
+    now = int(time.time() * 1000)
+    records, expected = [], {}
+    for i in range(n):
+        user = f"u{rng.randrange(N_MODEL_USERS)}" if rng.random() < 0.3 else f"f{rng.randrange(n_users)}"
+        track = f"t{min(int(rng.paretovariate(0.8)), N_TRACKS + 40) - 1}"
+        ms_played = rng.randrange(1_000, MIN_MS_PLAYED) if rng.random() < 0.1 else rng.randrange(MIN_MS_PLAYED, 400_000)
+        records.append(encode_play(user, track, now - (n - i), ms_played))
+        if ms_played >= MIN_MS_PLAYED:
+            per_user = expected.setdefault(user, {})
+            per_user[track] = per_user.get(track, 0) + 1
+    return PlayLog(records, expected)
+
+
+@dataclass
+class Replay:
+    """Produce `records` to `topic` at `rate` events/s from a thread (idempotent producer, acks=all)."""
+
+    bootstrap: str
+    topic: str
+    records: list[tuple[bytes, bytes]]
+    rate: float
+    sent: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Replay:
+        threading.Thread(target=self._run, daemon=True, name="replay").start()
+        return self
+
+    def _run(self) -> None:
+        producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            retries=2**31 - 1,
+            delivery_timeout_ms=300_000,
+            request_timeout_ms=10_000,
+            reconnect_backoff_max_ms=1_000,
+        )
+        try:
+            started = time.monotonic()
+            for key, value in self.records:
+                delay = started + self.sent / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                producer.send(self.topic, key=key, value=value)
+                self.sent += 1
+            producer.flush(timeout=300)
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+        finally:
+            producer.close()
+            self.done.set()
+
+    def wait_sent(self, count: int, deadline_s: float) -> None:
+        wait_for(lambda: self.sent >= count or self.done.is_set(), deadline_s, f"{count} events sent")
+        self.check()
+
+    def wait(self, deadline_s: float) -> None:
+        wait_for(self.done.is_set, deadline_s, "the replay to finish")
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the replay producer failed: {self.error!r}")
+
+
+def counts_over_http(worker: WorkerProcess, users: list[str]) -> dict[str, dict[str, int]]:
+    """Each user's counts as `GET /users/{user}/plays` answers them (routed to the owner)."""
+    out = {}
+    for user in users:
+        status, body = worker.request(f"/users/{quote(user, safe='')}/plays")
+        if status != 200:
+            raise AssertionError(f"GET /users/{user}/plays -> {status}: {body}")
+        out[user] = body["plays"]
+    return out
+
+
+def difference(expected: dict[str, dict[str, int]], got: dict[str, dict[str, int]]) -> tuple[int, int]:
+    """(lost, duplicated) streams of `got` against `expected`."""
+    lost = duplicated = 0
+    for user in set(expected) | set(got):
+        want, have = expected.get(user, {}), got.get(user, {})
+        for track in set(want) | set(have):
+            delta = have.get(track, 0) - want.get(track, 0)
+            lost += max(0, -delta)
+            duplicated += max(0, delta)
+    return lost, duplicated
+
+
+def wait_for_exact_counts(
+    worker: Callable[[], WorkerProcess], expected: dict[str, dict[str, int]], deadline_s: float
+) -> float:
+    """Wait until every user's counts over HTTP equal `expected`; returns the seconds it took."""
+    started = time.monotonic()
+    pending = sorted(expected)
+
+    def settled():
+        nonlocal pending
+        try:
+            got = counts_over_http(worker(), pending)
+        except AssertionError:
+            return False  # a worker is rebalancing: 503 for now
+        pending = [u for u in pending if got[u] != expected[u]]
+        return not pending
+
+    try:
+        wait_for(settled, deadline_s, "the workers' counts to equal the replayed input", interval_s=1.0)
+    except AssertionError:
+        lost, duplicated = difference(expected, counts_over_http(worker(), sorted(expected)))
+        raise AssertionError(
+            f"counts still differ from the input after {deadline_s:.0f} s: {lost} streams lost, "
+            f"{duplicated} duplicated, {len(pending)} users wrong"
+        ) from None
+    return time.monotonic() - started
+
+
+def changelog_counts(bootstrap: str, app_id: str) -> dict[str, dict[str, int]]:
+    """Every user's counts as a model retrain would read them (the user-state changelog)."""
+    snapshot = snapshot_counts(bootstrap, app_id, timeout_s=120)
+    counts = snapshot.counts
+    out: dict[str, dict[str, int]] = {}
+    matrix = counts.matrix.tocsr()
+    for row, user in enumerate(counts.user_ids):
+        start, stop = matrix.indptr[row], matrix.indptr[row + 1]
+        out[str(user)] = {
+            str(counts.item_ids[j]): int(c) for j, c in zip(matrix.indices[start:stop], matrix.data[start:stop])
+        }
+    return {u: c for u, c in out.items() if c}
+
+
+def unique_names() -> tuple[str, str]:
+    """(topic prefix, app id) no other test uses."""
+    prefix = f"fault-{uuid.uuid4().hex[:8]}-"
+    return prefix, f"{prefix}app"

@@ -1,0 +1,107 @@
+"""10K hostile payloads interleaved with valid plays on the real broker: the worker keeps running,
+its memory stays bounded, every hostile record lands in the dead-letter topic with its original
+bytes and a reason, and every valid play is counted."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream.events import encode_play
+
+from ..integration.workers import WorkerProcess, wait_for
+from .harness import counts_over_http, difference, publish_model, unique_names
+from .hostile import KINDS, exotic_valid, hostile_records
+
+pytestmark = pytest.mark.integration
+
+N_HOSTILE = 10_000
+N_VALID = 2_000
+#: Growth of the worker's peak resident memory allowed over the flood (aiokafka buffers, metrics).
+MAX_RSS_GROWTH_MB = 64
+
+
+def rss_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def dead_letters(bootstrap: str, topic: str, expected: int, deadline_s: float) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = wait_for(lambda: consumer.partitions_for_topic(topic), 30, f"topic {topic}")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list = []
+
+        def collect():
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+            return len(records) >= expected
+
+        wait_for(collect, deadline_s, f"{expected} dead letters", interval_s=0)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_hostile_payloads_are_dead_lettered_and_valid_plays_counted(kafka_bootstrap, tmp_path):
+    store = publish_model(tmp_path)
+    prefix, app_id = unique_names()
+    worker = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "w")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5)
+    try:
+        worker.wait_ready(120)
+        rss_before = rss_kb(worker.proc.pid, "VmRSS")
+        hostile = hostile_records(N_HOSTILE, seed=11)
+        rng = random.Random(5)
+        now = int(time.time() * 1000)
+        expected: dict[str, dict[str, int]] = {}
+        valid = exotic_valid(N_VALID // 2)
+        valid += [(f"v{rng.randrange(200)}", f"t{rng.randrange(100)}") for _ in range(N_VALID - len(valid))]
+        for user, track in valid:
+            per_user = expected.setdefault(user, {})
+            per_user[track] = per_user.get(track, 0) + 1
+        stream = [("bad", r) for r in hostile] + [("good", v) for v in valid]
+        rng.shuffle(stream)
+        for kind, item in stream:
+            if kind == "good":
+                key, value = encode_play(*item, now, 60_000)
+            else:
+                key, value, _ = item
+            producer.send(prefix + "plays", key=key, value=value)
+        producer.flush()
+
+        records = dead_letters(kafka_bootstrap, prefix + "plays.dead-letter", N_HOSTILE, 180)
+        assert len(records) == N_HOSTILE
+        assert Counter((r.key, r.value) for r in records) == Counter((k, v) for k, v, _ in hostile)
+        reasons = [dict(r.headers).get("reason", b"").decode() for r in records]
+        assert all(reasons), "every dead letter carries a reason"
+        got = wait_for(
+            lambda: (lambda c: c == expected and c)(counts_over_http(worker, sorted(expected))),
+            120,
+            "every valid play counted",
+        )
+        assert difference(expected, got) == (0, 0)
+        assert worker.proc.poll() is None
+        growth_mb = (rss_kb(worker.proc.pid, "VmHWM") - rss_before) / 1024
+        assert growth_mb < MAX_RSS_GROWTH_MB, f"peak RSS grew by {growth_mb:.0f} MB"
+        dead_metric = worker.metric("playrec_dead_letters_total")
+        assert dead_metric == N_HOSTILE
+        print(
+            f"\nhostile: {N_HOSTILE} payloads of {len(KINDS)} kinds + {N_VALID} valid plays: "
+            f"{len(records)} dead letters with reasons, valid counted exactly, worker alive, "
+            f"peak RSS {rss_before / 1024:.0f} MB -> +{growth_mb:.1f} MB; "
+            f"reasons e.g. {sorted(set(r.split(':')[0][:50] for r in reasons))[:8]}"
+        )
+    finally:
+        producer.close()
+        worker.stop()
