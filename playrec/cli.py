@@ -435,6 +435,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds before a silent worker's partitions move to the others (default 30)",
     )
     parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=env("PLAYREC_ADMIN_TOKEN_FILE"),
+        help="file holding the bearer token of the admin routes ($PLAYREC_ADMIN_TOKEN_FILE, or the token "
+        "itself in $PLAYREC_ADMIN_TOKEN); without one the admin routes answer 403",
+    )
+    parser.add_argument(
         "--topic-prefix",
         default=env("PLAYREC_TOPIC_PREFIX", ""),
         help="prefix of every topic name, to separate tenants or test runs (default none)",
@@ -443,7 +450,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from stream.settings import KafkaSecurity, SettingsError, Topics, WorkerSettings
+    import os
+
+    from stream.settings import KafkaSecurity, SettingsError, Topics, WorkerSettings, read_admin_token
 
     if args.store is None:
         raise CliError("no model store: pass --store DIR or set PLAYREC_STORE")
@@ -471,6 +480,7 @@ def run_worker(args: argparse.Namespace) -> int:
             session_timeout_s=args.session_timeout,
             security=KafkaSecurity.from_env(),
             topics=Topics(args.topic_prefix),
+            admin_token=read_admin_token(args.admin_token_file, os.environ.get("PLAYREC_ADMIN_TOKEN")),
         )
         settings.validate()
     except SettingsError as exc:

@@ -10,6 +10,7 @@ import msgpack
 MODEL_UPDATES_TOPIC = "model-updates"
 TRACK_PLAYS_TOPIC = "track-plays"
 TRACK_VECTORS_TOPIC = "track-vectors"
+TRACK_TAKEDOWNS_TOPIC = "track-takedowns"
 
 _LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
 

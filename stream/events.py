@@ -57,6 +57,16 @@ class EventError(ValueError):
     """An event that cannot be encoded."""
 
 
+def id_problem(what: str, text: str) -> str:
+    """Why `text` is not a valid user or track id ("" when it is): 1 to 256 characters, no controls."""
+    if not text or len(text) > MAX_ID_CHARS:
+        return f"{what} must have 1 to {MAX_ID_CHARS} characters, has {len(text)}"
+    bad = _FORBIDDEN_ID_CHARS.search(text)
+    if bad is not None:
+        return f"{what} contains the control character U+{ord(bad.group()):04X} at {bad.start()}"
+    return ""
+
+
 def decode_play(key: bytes | None, value: bytes | None, now_ms: int | None = None) -> tuple[PlayEvent | None, str]:
     """Validate one record: returns `(event, "")` or `(None, reason)`; never raises on bad input."""
     if value is None:
@@ -79,11 +89,9 @@ def decode_play(key: bytes | None, value: bytes | None, now_ms: int | None = Non
             return None, f"field {name!r} is {type(field).__name__}, expected {kind.__name__}"
     user, track, ts, ms_played = data["user"], data["track"], data["ts"], data["ms_played"]
     for name, text in (("user", user), ("track", track)):
-        if not text or len(text) > MAX_ID_CHARS:
-            return None, f"field {name!r} must have 1 to {MAX_ID_CHARS} characters, has {len(text)}"
-        bad = _FORBIDDEN_ID_CHARS.search(text)
-        if bad is not None:
-            return None, f"field {name!r} contains the control character U+{ord(bad.group()):04X} at {bad.start()}"
+        problem = id_problem(f"field {name!r}", text)
+        if problem:
+            return None, problem
     event_id = data.get("event_id")
     if event_id is not None and (type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_CHARS):
         return None, "field 'event_id' must be a non-empty string of at most 256 characters"

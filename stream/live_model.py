@@ -104,6 +104,8 @@ class LiveModel:
         self._plays = training_plays(model)
         self.popular = self._popular_tracks(model, self._plays)
         self._training_cache: dict[str, dict[str, float]] = {}
+        #: Tracks taken down by an operator: never recommended, listed as similar or popular.
+        self.taken_down: set[str] = set()
 
     def training_counts(self, user: str) -> dict[str, float]:
         """The user's streams in the model's training data ({} for stream-trained models); a copy."""
@@ -322,19 +324,42 @@ class LiveModel:
                 fresh.append(track)
             gram += np.outer(v64, v64)
         self.item_gram = gram
-        updated = [t for t in vectors if t in self.new_index]
+        updated = [t for t in vectors if t in self.new_index and t not in self.taken_down]
         for index in (self.dot_index, self.cosine_index):
             if index is None or not updated:
                 continue
             index.remove([t for t in updated if t not in fresh and t in index], missing_ok=True)
             index.add(np.stack([self.new_vectors[self.new_index[t]] for t in updated]), np.array(updated))
 
+    def take_down(self, tracks: Iterable[str]) -> None:
+        """Mask tracks (known or not yet known) from every answer until `restore`d."""
+        new = [t for t in dict.fromkeys(tracks) if t not in self.taken_down]
+        self.taken_down.update(new)
+        for index in (self.dot_index, self.cosine_index):
+            if index is not None:
+                present = [t for t in new if t in index]
+                if present:
+                    index.remove(present)
+
+    def restore(self, tracks: Iterable[str]) -> None:
+        """Undo `take_down`: the tracks are answered again."""
+        back = [t for t in dict.fromkeys(tracks) if t in self.taken_down]
+        self.taken_down.difference_update(back)
+        present = [t for t in back if t in self]
+        for index in (self.dot_index, self.cosine_index):
+            if index is not None and present:
+                missing = [t for t in present if t not in index]
+                if missing:
+                    index.add(np.stack([self.item_vector(t) for t in missing]), np.array(missing))
+
     # -- queries -----------------------------------------------------------------------------
     def recommend(self, vector: np.ndarray, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
         """Top-k tracks for a user vector (k,) by inner product, never returning `exclude`."""
         exclude = set(exclude)
         vector = np.asarray(vector, dtype=np.float32)
-        if self.dot_index is not None:
+        if self.dot_index is None:
+            exclude |= self.taken_down
+        else:
             ids, scores = self.dot_index.query(vector, k=k, search_k=self.search_k, exclude=list(exclude))
             return [Scored(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
         scores = np.concatenate([np.asarray(self.model.item_factors) @ vector, self.new_vectors @ vector])
@@ -342,6 +367,8 @@ class LiveModel:
 
     def similar(self, track: str, k: int = 10) -> list[Scored]:
         """Tracks closest to `track` by cosine of item vectors (the track itself excluded)."""
+        if track in self.taken_down:
+            raise UnknownTrackError(f"track {track!r} is taken down")
         vector = self.item_vector(track)
         if self.cosine_index is not None:
             ids, scores = self.cosine_index.query(vector, k=k, search_k=self.search_k, exclude=[track])
@@ -350,7 +377,7 @@ class LiveModel:
         Y = np.concatenate([np.asarray(self.model.item_factors), self.new_vectors])
         norms = np.linalg.norm(Y, axis=1)
         scores = np.divide(Y @ vector, norms * norm, out=np.zeros(len(Y), np.float32), where=(norms * norm) > 0)
-        return self._top(scores, k, {track})
+        return self._top(scores, k, {track} | self.taken_down)
 
     def _top(self, scores: np.ndarray, k: int, exclude: set[str]) -> list[Scored]:
         all_ids = self.item_ids if not self.new_ids else np.concatenate([self.item_ids, np.array(self.new_ids)])
@@ -364,12 +391,14 @@ class LiveModel:
 
     def popular_for(self, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
         """The popularity fallback: most-listened tracks of the training data (score = listeners)."""
-        exclude = set(exclude)
+        exclude = set(exclude) | self.taken_down
         return list(itertools.islice((Scored(t, float(n)) for t, n in self.popular if t not in exclude), k))
 
     def explain(self, counts: Mapping[str, float], track: str, top: int = 10) -> dict:
         """Contributions of the user's streamed tracks to `track`'s score (Hu et al. section 5)."""
         tracks, vectors = self._gather(t for t, c in counts.items() if c > 0)
+        if track in self.taken_down:
+            raise UnknownTrackError(f"track {track!r} is taken down")
         if track not in self:
             raise UnknownTrackError(f"unknown track {track!r}")
         target = len(tracks)

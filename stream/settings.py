@@ -12,12 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_VECTORS_TOPIC
+from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_TAKEDOWNS_TOPIC, TRACK_VECTORS_TOPIC
 from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC
 
 
 class SettingsError(ValueError):
     """The worker cannot start with this configuration."""
+
+
+#: Shortest accepted admin token.
+MIN_ADMIN_TOKEN_CHARS = 16
+
+
+def read_admin_token(path: Path | None, env_value: str | None) -> str | None:
+    """The admin token from a file (first line; preferred: not visible in the process list) or the
+    `PLAYREC_ADMIN_TOKEN` value; None when neither is given."""
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"cannot read the admin token file {path}: {exc.strerror}") from None
+    return env_value.strip() if env_value else None
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,10 @@ class Topics:
     def model_updates(self) -> str:
         return self.prefix + MODEL_UPDATES_TOPIC
 
+    @property
+    def track_takedowns(self) -> str:
+        return self.prefix + TRACK_TAKEDOWNS_TOPIC
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -153,6 +172,8 @@ class WorkerSettings:
     session_timeout_s: float = 30.0
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     topics: Topics = field(default_factory=Topics)
+    #: Bearer token of the admin routes (anything that changes state); None disables them.
+    admin_token: str | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         if not self.bootstrap:
@@ -167,6 +188,12 @@ class WorkerSettings:
             )
         if self.min_listeners < 1:
             raise SettingsError(f"--min-listeners must be >= 1, got {self.min_listeners}")
+        token = self.admin_token
+        if token is not None and (len(token) < MIN_ADMIN_TOKEN_CHARS or not token.isprintable()):
+            raise SettingsError(
+                f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} printable characters "
+                "(e.g. `openssl rand -hex 32`)"
+            )
         self.security.validate()
 
     @property

@@ -26,6 +26,7 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.dead_letter: (P, {}),
         names.track_plays: (P, {}),
         names.track_vectors: (P, {"cleanup.policy": "compact"}),
+        names.track_takedowns: (1, {"cleanup.policy": "compact"}),
         names.model_updates: (1, {}),
     }
     kwargs = settings.security.kafka_python_kwargs()

@@ -63,7 +63,10 @@ def parse_bool(request: web.Request, name: str, default: bool) -> bool:
 
 
 def register_views(worker: StreamWorker) -> None:
-    """Attach the API to `worker.app`."""
+    """Attach the API (and the admin routes, stream.admin) to `worker.app`."""
+    from stream.admin import register_admin_views
+
+    register_admin_views(worker)
     app = worker.app
     metrics = worker.metrics
 

@@ -128,8 +128,18 @@ class StreamWorker:
             from_beginning=True,
             client_kwargs=client_kwargs,
         )
+        self.takedown_reader = BroadcastReader(
+            settings.bootstrap,
+            topics.track_takedowns,
+            self.on_takedowns,
+            from_beginning=True,
+            client_kwargs=client_kwargs,
+        )
+        #: track -> taken down (True) or restored (False), as the compacted take-down topic says
+        self.takedowns: dict[str, bool] = {}
         app.task(self.model_reader.run)
         app.task(self.track_reader.run)
+        app.task(self.takedown_reader.run)
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
@@ -158,6 +168,7 @@ class StreamWorker:
             log.error("cannot load model %s: %s; keeping %s", version, exc, self.live and self.live.version)
             return False
         live = LiveModel(model, search_k=self.settings.search_k)
+        live.take_down(t for t, down in self.takedowns.items() if down)
         if self.track_vectors:
             live.add_tracks({t: v for t, v in self.track_vectors.items() if t not in live.item_index})
         self.live = live  # one assignment: requests see the old or the new model, never a mix
@@ -432,6 +443,31 @@ class StreamWorker:
             live.add_tracks({t: v for t, v in fresh.items() if t not in live.item_index and len(v) == live.k})
             self.metrics.new_tracks.set(len(live.new_ids))
 
+    # -- take-downs -----------------------------------------------------------------------------
+    async def publish_takedown(self, track: str, taken_down: bool, reason: str = "") -> None:
+        """Announce a take-down (or its undoing) to every worker on the compacted take-down topic."""
+        body = {"track": track, "taken_down": taken_down, "reason": reason, "at": int(time.time() * 1000)}
+        topic, key = self.topics.track_takedowns, track.encode()
+        await self.app.producer.send_and_wait(
+            topic, key, pack_message(body), partition=None, timestamp=None, headers=None
+        )
+
+    async def on_takedowns(self, records: list[Any]) -> None:
+        changed: dict[str, bool] = {}
+        for record in records:
+            try:
+                body = unpack_message(record.value)
+                changed[str(body["track"])] = bool(body["taken_down"])
+            except Exception as exc:
+                log.warning("malformed take-down at offset %s: %s", record.offset, exc)
+        self.takedowns.update(changed)
+        live = self.live
+        if live is not None:
+            live.take_down(t for t, down in changed.items() if down)
+            live.restore(t for t, down in changed.items() if not down)
+        for track, down in changed.items():
+            log.info("track %r %s", track, "taken down" if down else "restored")
+
     # -- health --------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): a model is live and this worker holds its partitions, not rebalancing."""
@@ -448,6 +484,8 @@ class StreamWorker:
             return False, "no partitions of plays assigned yet"
         if not app.tables.recovery.completed.is_set():
             return False, "recovering tables"
+        if not self.takedown_reader.caught_up.is_set():
+            return False, "reading take-downs"
         return True, "ready"
 
     def assigned_partitions(self) -> list[int]:

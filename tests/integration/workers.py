@@ -84,8 +84,10 @@ class WorkerProcess:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def request(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url(path), data=body, method=method)
+    def request(
+        self, path: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url(path), data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
                 raw, status = response.read(), response.status

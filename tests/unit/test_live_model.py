@@ -133,3 +133,32 @@ def test_incremental_fold_in_equals_a_rebuild(published):
     counts["b"]["t1"] = counts["b"].get("t1", 0.0) + 1
     got = live.fold_in_users(counts, {"b": UserChange(offsets["b"], offsets["b"] + 1, {"t1": (1, counts["b"]["t1"])})})
     np.testing.assert_allclose(got["b"], fresh.fold_in_users({"b": counts["b"]})["b"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_index", [True, False])
+def test_taken_down_tracks_are_never_answered_until_restored(published, use_index):
+    store, _ = published
+    live = LiveModel(store.load(), use_index=use_index)
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((20, live.k)).astype(np.float32)
+    before = [[s.track for s in live.recommend(u, 10)] for u in users]
+    top = sorted({t for recs in before for t in recs})[:5]
+    similar_to = [s.track for s in live.similar(before[1][0], 10)]
+    live.take_down([*top, "not-yet-known", similar_to[0]])
+    for u in users:
+        assert not {s.track for s in live.recommend(u, 10)} & live.taken_down
+        assert len(live.recommend(u, 10)) == 10
+    assert not {s.track for s in live.popular_for(50)} & live.taken_down
+    if before[1][0] not in live.taken_down:
+        assert similar_to[0] not in [s.track for s in live.similar(before[1][0], 10)]
+    with pytest.raises(UnknownTrackError, match="taken down"):
+        live.similar(top[0], 5)
+    live.restore([*top, "not-yet-known", similar_to[0]])
+    assert not live.taken_down
+    assert [[s.track for s in live.recommend(u, 10)] for u in users] == before
+    # a new track taken down before it is folded in stays hidden when it arrives
+    live.take_down(["brand-new"])
+    live.add_tracks({"brand-new": users[0] * 10})
+    assert "brand-new" not in [s.track for s in live.recommend(users[0], 10)]
+    live.restore(["brand-new"])
+    assert live.recommend(users[0], 1)[0].track == "brand-new"

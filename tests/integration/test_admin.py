@@ -1,0 +1,84 @@
+"""Admin routes on the real broker: token checks, take-downs reaching every worker (also one started
+later), restore, and model reloads that accept only the store's own versions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from batch.als import AlsParams
+from batch.plays import PlayCounts
+from batch.training import train_and_publish
+
+from ..faults.harness import N_MODEL_USERS, N_TRACKS, publish_model, unique_names
+from ..unit.synthetic import random_plays
+from .workers import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "admin-token-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def top_tracks(worker: WorkerProcess, user: str = "u0") -> list[str]:
+    status, body = worker.request(f"/users/{user}/recommendations?k=10")
+    return [item["track"] for item in body["items"]] if status == 200 else []
+
+
+def test_admin_routes(kafka_bootstrap, tmp_path):
+    store = publish_model(tmp_path)
+    prefix, app_id = unique_names()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    a = WorkerProcess(
+        kafka_bootstrap, store.root, prefix, app_id, tmp_path / "a", session_timeout=6, admin_token_file=token_file
+    )
+    workers = [a]
+    try:
+        a.wait_ready(120)
+        track = top_tracks(a)[0]
+        path = f"/admin/tracks/{track}/takedown"
+
+        status, body = a.request(path, "PUT")
+        assert status == 401 and "Authorization: Bearer" in body["error"]
+        assert a.request(path, "PUT", headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        assert a.request(path, "PUT", headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
+        assert a.request("/admin/takedowns")[0] == 401
+        assert a.request("/admin/tracks/bad%00id/takedown", "PUT", headers=AUTH)[0] == 400
+
+        status, body = a.request(path, "PUT", json.dumps({"reason": "licence ended"}).encode(), AUTH)
+        assert (status, body) == (202, {"track": track, "taken_down": True})
+        wait_for(lambda: a.request(f"/tracks/{track}/similar")[0] == 404, 30, "the take-down to apply")
+        assert track not in top_tracks(a) and len(top_tracks(a)) == 10
+        assert a.request("/admin/takedowns", headers=AUTH) == (200, {"tracks": [track]})
+
+        # a worker started later (without a token: its admin routes are off) applies it before it is ready
+        b = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "b", session_timeout=6)
+        workers.append(b)
+        b.wait_ready(120)
+        assert b.request(f"/tracks/{track}/similar")[0] == 404
+        status, body = b.request(path, "DELETE", headers=AUTH)
+        assert status == 403 and "disabled" in body["error"]
+
+        assert a.request(path, "DELETE", headers=AUTH) == (202, {"track": track, "taken_down": False})
+        wait_for(lambda: b.request(f"/tracks/{track}/similar")[0] == 200, 30, "the restore to reach worker b")
+        wait_for(lambda: track in top_tracks(a), 30, "the track to be recommended again")
+
+        # reload: only versions the store lists, never a path
+        for version in ("../../etc/passwd", "/etc", "20990101T000000.000000Z-abcdef", 7):
+            status, body = a.request("/admin/model/reload", "POST", json.dumps({"version": version}).encode(), AUTH)
+            assert status == 404, (version, status, body)
+        plays = random_plays(N_MODEL_USERS, N_TRACKS, 0.08, seed=6)
+        counts = PlayCounts(
+            plays, np.array([f"u{i}" for i in range(N_MODEL_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
+        )
+        new = train_and_publish(
+            counts, store, AlsParams(factors=8, iterations=2, seed=4), holdout=0, show_progress=False
+        )
+        status, body = a.request("/admin/model/reload", "POST", None, AUTH)
+        assert (status, body) == (200, {"version": new.version})
+    finally:
+        for worker in workers:
+            worker.stop()
