@@ -281,11 +281,15 @@ class ModelStore:
         for version in removed:
             shutil.rmtree(self.models / version, ignore_errors=True)
             log.info("pruned model %s (keeping %d)", version, self.keep)
-        for stale in self.models.glob(".tmp-*"):
-            # Staging directories left by a killed publisher; a live publisher's is newer than a minute.
+        for stale in [*self.models.glob(".tmp-*"), *self.models.glob(f".{CURRENT}.*")]:
+            # Staging directories and CURRENT temporaries left by a killed publisher; a live
+            # publisher's are newer than a minute.
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - stale.stat().st_mtime > 60:
-                    shutil.rmtree(stale, ignore_errors=True)
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink()
         return removed
 
 
