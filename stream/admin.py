@@ -83,6 +83,9 @@ def register_admin_views(worker: StreamWorker) -> None:
                 if headers:
                     response.headers.update(headers)
                 return response
+            except Exception:  # a bug: logged with its traceback here, never sent to the client
+                log.exception("%s %s failed", request.method, request.path)
+                return self.json({"error": "internal error; the worker log has the details", "status": 500}, status=500)
 
     def valid_track(track: str) -> str:
         problem = id_problem("track id", track)

@@ -29,8 +29,13 @@ Usage (before the worker starts, i.e. at app-module import time)::
 Semantics (see docs/STREAM-INGEST.md):
 
 * A batch's offsets are acked only after ``handler(batch)`` returns, so faust commits only
-  processed records (at-least-once).  Changelog records of the batch are flushed by faust's
-  commit (``producer.flush()`` precedes the offset commit).  A crash after the handler but before
+  processed records (at-least-once).  A handler may instead return an awaitable (its *completion*,
+  e.g. a task that finishes the batch's work and makes it durable): the batch is then acked when
+  the completion finishes, and the next batch is handed to the handler meanwhile.  Acks stay in
+  batch order (each completion waits for the previous one; a failed completion crashes the app and
+  no later batch is acked), and a rebalance or stop awaits the pending completion before it commits.
+  Changelog records of the batch are flushed by faust's commit (``producer.flush()`` precedes the
+  offset commit).  A crash after the handler but before
   the commit replays the batch; handlers that must be idempotent keep a per-key source offset.
 * A handler exception crashes the app (records stay unacked and are re-delivered).
 * Backpressure: the handler runs inline in the drain loop, so fetching/decoding stops while a
@@ -64,8 +69,8 @@ log = logging.getLogger("playrec.stream.ingest")
 
 #: ``async def handler(batch)``; ``batch`` holds faust ``ConsumerMessage`` objects (``.key`` and
 #: ``.value`` raw bytes, ``.partition``, ``.offset``, ``.timestamp`` in seconds, ``.tp``), in
-#: offset order per partition.
-BatchHandler = Callable[[list[Message]], Awaitable[None]]
+#: offset order per partition.  It returns None (ack now) or an awaitable completion (ack when done).
+BatchHandler = Callable[[list[Message]], Awaitable[Awaitable[Any] | None]]
 
 _SINKS_ATTR = "_playrec_batch_ingest"
 
@@ -159,6 +164,7 @@ class BatchingConsumerMixin:
     """
 
     _ingest_inflight: asyncio.Task[None] | None = None
+    _ingest_pending: asyncio.Task[bool] | None = None  # the last batch's completion (acks when done)
     _ingest_suspended: bool = False
 
     # ---------------------------------------------------------------- drain loop
@@ -263,15 +269,19 @@ class BatchingConsumerMixin:
         me = cast(Any, self)
         started = time.monotonic()
         try:
-            await sink.handler(batch)
+            completion = await sink.handler(batch)
         except Exception as exc:
             log.exception("ingest handler for %r failed; batch of %d not acked", sink.topic_name, len(batch))
             self._ingest_suspended = True
             await me.app.crash(exc)
             raise
-        self._ingest_ack(batch)
-        sink.batches += 1
-        sink.events += len(batch)
+        previous = self._ingest_pending
+        if completion is None and (previous is None or previous.done()):
+            self._ingest_ack(batch)
+            sink.batches += 1
+            sink.events += len(batch)
+        else:  # ack when the completion (and every earlier one) has finished: acks stay in batch order
+            self._ingest_pending = asyncio.ensure_future(self._ingest_complete(sink, batch, completion, previous))
         handled = time.monotonic()
         # changelog writes went to the producer buffer: wait for it like the conductor does
         await me.app.producer.buffer.wait_until_ebb()
@@ -283,6 +293,30 @@ class BatchingConsumerMixin:
                 (handled - started) * 1e3,
                 (time.monotonic() - handled) * 1e3,
             )
+
+    async def _ingest_complete(
+        self,
+        sink: BatchIngest,
+        batch: list[Message],
+        completion: Awaitable[Any] | None,
+        previous: asyncio.Task[bool] | None,
+    ) -> bool:
+        """Ack `batch` once `previous` succeeded and `completion` finished; False (nothing acked) else."""
+        me = cast(Any, self)
+        if previous is not None and not await asyncio.shield(previous):
+            return False  # an earlier batch failed: never commit past it
+        if completion is not None:
+            try:
+                await completion
+            except Exception as exc:
+                log.exception("completion of a %r batch of %d failed; not acked", sink.topic_name, len(batch))
+                self._ingest_suspended = True
+                await me.app.crash(exc)
+                return False
+        self._ingest_ack(batch)
+        sink.batches += 1
+        sink.events += len(batch)
+        return True
 
     def _ingest_ack(self, batch: Sequence[Message]) -> None:
         """Record acks for ``batch`` in bulk (what ``Consumer.ack`` does per message)."""
@@ -317,7 +351,7 @@ class BatchingConsumerMixin:
 
     # ---------------------------------------------------------------- rebalance / stop
     async def _ingest_quiesce(self, why: str) -> None:
-        """Stop handing records to handlers, drop unprocessed buffers, await the batch in flight."""
+        """Stop handing records to handlers, drop unprocessed buffers, await the batch in flight and its completion."""
         me = cast(Any, self)
         self._ingest_suspended = True
         dropped = 0
@@ -328,6 +362,10 @@ class BatchingConsumerMixin:
         if task is not None and not task.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
+        pending = self._ingest_pending  # read after the handler finished: it may have added a completion
+        if pending is not None and not pending.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
         log.info("ingest quiesced (%s): dropped %d buffered records (re-delivered later)", why, dropped)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:

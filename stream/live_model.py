@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import scipy.sparse as sp
 
 from batch.als import AlsParams
 from batch.confidence import confidence_minus_one
-from batch.exact import assemble_rows, solve_assembled
+from batch.exact import assemble_rows
 from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.model_store import Model
@@ -45,14 +46,6 @@ class UserChange(NamedTuple):
     before: int
     after: int
     added: Mapping[str, tuple[int, float]]
-
-
-class _System(NamedTuple):
-    S: np.ndarray  # (k, k) float64: sum of w y y^T over known streamed tracks
-    b: np.ndarray  # (k,) float64: sum of (1 + w) y
-    offset: int  # the user's state offset this system reflects
-    known: bool  # any known streamed track at all
-    news: set  # non-model tracks the user streamed (invalidate when their vectors change)
 
 
 class UnknownTrackError(KeyError):
@@ -92,9 +85,17 @@ class LiveModel:
         self.new_ids: list[str] = []
         self.new_index: dict[str, int] = {}
         self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
-        #: Normal-equation pieces of recently active users (k x k float64 each: ~13 KB at k = 40).
+        #: Normal-equation pieces S_u, b_u of recently active users (k x k float64 each: ~13 KB at k = 40),
+        #: one slot per user in arrays of `system_cache_users` slots (LRU beyond; allocated on first use),
+        #: so a batch updates and solves them with a few array operations instead of per-user Python.
         self.system_cache_users = system_cache_users
-        self._systems: OrderedDict[str, _System] = OrderedDict()
+        self._lock = threading.Lock()  # the fold-in thread caches; add_tracks (event loop) invalidates
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # user -> slot, least recently used first
+        self._S = np.zeros((0, self.k, self.k))
+        self._b = np.zeros((0, self.k))
+        self._offsets = np.zeros(0, np.int64)  # the user's state offset the slot reflects
+        self._known = np.zeros(0, bool)  # any known streamed track at all
+        self._free: list[int] = []
         self._track_users: dict[str, set[str]] = {}  # non-model track -> cached users counting it
         self._generation = 0  # bumped by add_tracks: systems solved across a change are not cached
         source = (model.manifest.get("input") or {}).get("source")
@@ -182,106 +183,189 @@ class LiveModel:
         streamed track gets no vector (serve the popularity fallback). `changes` (from the stream)
         name the plays a batch added per user: a user whose cached system `S_u, b_u` is at the
         change's `before` offset is updated by those plays only (rank-one updates, exact) instead of
-        being rebuilt from all their counts; the result is the same solution.
+        being rebuilt from all their counts; the result is the same solution. Only users named in
+        `changes` are cached (one caller at a time may pass `changes`: the stream's fold-in).
         """
         changes = changes or {}
-        generation = self._generation
-        incremental: dict[str, UserChange] = {}
-        rebuild: dict[str, Mapping[str, float]] = {}
-        for user in counts:  # a lazy mapping is only evaluated for the users rebuilt
-            change = changes.get(user)
-            entry = self._systems.get(user)
-            if change is not None and entry is not None and entry.offset == change.before:
-                incremental[user] = change
-            else:
-                rebuild[user] = counts[user]
-        systems: dict[str, _System] = {}
-        if rebuild:
-            systems.update(self._build_systems(rebuild))
+        incremental: list[str] = []
+        slots: list[int] = []
+        rebuild: list[str] = []
+        with self._lock:
+            generation = self._generation
+            slot_of, offsets = self._slot_of, self._offsets
+            for user in counts:
+                change = changes.get(user)
+                slot = slot_of.get(user) if change is not None else None
+                if slot is not None and offsets[slot] == change.before:
+                    incremental.append(user)
+                    slots.append(slot)
+                else:
+                    rebuild.append(user)
+            if incremental:  # gathered copies: an invalidation meanwhile cannot change them under us
+                index = np.asarray(slots, dtype=np.int64)
+                S_inc, b_inc, known_inc = self._S[index], self._b[index], self._known[index]
+        groups: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[set[str]]]] = []
+        if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
+            groups.append((rebuild, *self._build_systems({u: counts[u] for u in rebuild})))
         if incremental:
-            systems.update(self._update_systems(incremental))
-        if generation == self._generation:  # no track vector changed meanwhile (add_tracks runs on another thread)
-            for user, change in changes.items():
-                if user in systems:
-                    self._remember(user, systems[user], change.after)
-        solvable = [u for u, system in systems.items() if system.known]
-        if not solvable:
-            return {}
+            dS, db, has_known, news = self._update_systems(incremental, changes)
+            S_inc += dS
+            b_inc += db
+            groups.append((incremental, S_inc, b_inc, known_inc | has_known, news))
         gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
-        solved = solve_assembled(
-            np.stack([systems[u].S for u in solvable]), np.stack([systems[u].b for u in solvable]), gram_reg
-        )
-        return dict(zip(solvable, solved))
+        out: dict[str, np.ndarray] = {}
+        for users, S, b, known, news in groups:
+            if changes:
+                self._remember(users, S, b, known, news, changes, generation)
+            solvable = np.flatnonzero(known)
+            if not len(solvable):
+                continue
+            if len(solvable) < len(users):
+                S, b = S[solvable], b[solvable]
+            S += gram_reg  # in place: the cache holds its own copy of what was remembered
+            solved = np.linalg.solve(S, b[:, :, None])[:, :, 0].astype(np.float32)
+            out.update(zip((users[i] for i in solvable), solved))
+        return out
+
+    def cached_offset(self, user: str) -> int | None:
+        """The state offset the user's cached system reflects (None when not cached)."""
+        with self._lock:
+            slot = self._slot_of.get(user)
+            return None if slot is None else int(self._offsets[slot])
 
     def _confidence(self, streams: np.ndarray) -> np.ndarray:
         return confidence_minus_one(streams, self.params.alpha, self.params.confidence, self.params.eps).astype(
             np.float64
         )
 
-    def _build_systems(self, counts: Mapping[str, Mapping[str, float]]) -> dict[str, _System]:
-        """S_u, b_u from every known streamed track of each user."""
+    def _build_systems(
+        self, counts: Mapping[str, Mapping[str, float]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """S (n, k, k), b (n, k), known (n,) and non-model tracks from every streamed track of each user."""
         tracks, vectors = self._gather(t for per_user in counts.values() for t, c in per_user.items() if c > 0)
         column = {t: j for j, t in enumerate(tracks)}
-        users, indptr, cols, data, news = [], [0], [], [], []
-        for user, per_user in counts.items():
+        item_index = self.item_index
+        indptr, cols, data, news = [0], [], [], []
+        for per_user in counts.values():
             known = [(column[t], c) for t, c in per_user.items() if c > 0 and t in column]
-            users.append(user)
             cols.extend(j for j, _ in known)
             data.extend(c for _, c in known)
             indptr.append(len(cols))
-            news.append({t for t in per_user if t not in self.item_index})
+            news.append({t for t in per_user if t not in item_index})
         w = self._confidence(np.asarray(data, dtype=np.float64))
         S, b = assemble_rows(np.asarray(indptr), np.asarray(cols, dtype=np.int64), w, 1.0 + w, vectors)
-        known_rows = np.diff(indptr) > 0
-        return {u: _System(S[i], b[i], -1, bool(known_rows[i]), news[i]) for i, u in enumerate(users)}
+        return S, b, np.diff(indptr) > 0, news
 
-    def _update_systems(self, changes: Mapping[str, UserChange]) -> dict[str, _System]:
-        """Add the plays of `changes` to the cached systems (exact rank-one updates, batched)."""
-        users = list(changes)
-        pairs = [(u, t, n, full) for u in users for t, (n, full) in changes[u].added.items() if n > 0]
-        tracks, vectors = self._gather(t for _, t, _, _ in pairs)
+    def _update_systems(
+        self, users: list[str], changes: Mapping[str, UserChange]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """dS, db (exact rank-one updates, batched), whether any known track was added, new non-model tracks."""
+        item_index = self.item_index
+        rows_l, tracks_l, added_l, after_l = [], [], [], []
+        news: list[set[str]] = []
+        for i, user in enumerate(users):
+            fresh: set[str] = set()
+            for t, (n, full) in changes[user].added.items():
+                if n > 0:
+                    rows_l.append(i)
+                    tracks_l.append(t)
+                    added_l.append(n)
+                    after_l.append(full)
+                if t not in item_index:
+                    fresh.add(t)
+            news.append(fresh)
+        tracks, vectors = self._gather(tracks_l)
         column = {t: j for j, t in enumerate(tracks)}
-        row = {u: i for i, u in enumerate(users)}
-        kept = [(row[u], column[t], float(full), float(n)) for u, t, n, full in pairs if t in column]
-        kept.sort()
-        rows = np.array([r for r, _, _, _ in kept], dtype=np.int64)
-        cols = np.array([c for _, c, _, _ in kept], dtype=np.int64)
-        after = np.array([a for _, _, a, _ in kept], dtype=np.float64)
-        before = after - np.array([n for _, _, _, n in kept], dtype=np.float64)
+        keep = [j for j, t in enumerate(tracks_l) if t in column]
+        if len(keep) < len(tracks_l):
+            rows_l, tracks_l = [rows_l[j] for j in keep], [tracks_l[j] for j in keep]
+            added_l, after_l = [added_l[j] for j in keep], [after_l[j] for j in keep]
+        rows = np.asarray(rows_l, dtype=np.int64)  # users in order: rows already sorted
+        cols = np.fromiter((column[t] for t in tracks_l), dtype=np.int64, count=len(tracks_l))
+        after = np.asarray(after_l, dtype=np.float64)
+        before = after - np.asarray(added_l, dtype=np.float64)
         w_after, w_before = self._confidence(after), self._confidence(np.maximum(before, 0.0))
-        fresh = before <= 0
-        s_w = np.where(fresh, w_after, w_after - w_before)
-        b_w = np.where(fresh, 1.0 + w_after, w_after - w_before)
+        fresh_track = before <= 0
+        s_w = np.where(fresh_track, w_after, w_after - w_before)
+        b_w = np.where(fresh_track, 1.0 + w_after, w_after - w_before)
         indptr = np.searchsorted(rows, np.arange(len(users) + 1))
         dS, db = assemble_rows(indptr, cols, s_w, b_w, vectors)
-        out = {}
-        for i, user in enumerate(users):
-            entry = self._systems[user]
-            news = entry.news | {t for t in changes[user].added if t not in self.item_index}
-            out[user] = _System(
-                entry.S + dS[i], entry.b + db[i], -1, entry.known or bool(indptr[i + 1] > indptr[i]), news
-            )
-        return out
+        return dS, db, np.diff(indptr) > 0, news
 
     def advance(self, user: str, before: int, after: int) -> None:
         """A batch moved the user's state offset without adding streams: the cached system stays valid."""
-        entry = self._systems.get(user)
-        if entry is not None and entry.offset == before:
-            self._systems[user] = entry._replace(offset=after)
+        with self._lock:
+            slot = self._slot_of.get(user)
+            if slot is not None and self._offsets[slot] == before:
+                self._offsets[slot] = after
 
     def users_moved(self, old: np.ndarray, new: np.ndarray) -> None:
         """Keep X^T X current when many user vectors change: old/new (n, k), zero rows for none."""
         old64, new64 = np.asarray(old, dtype=np.float64), np.asarray(new, dtype=np.float64)
         self.user_gram = self.user_gram - old64.T @ old64 + new64.T @ new64
 
-    def _remember(self, user: str, system: _System, offset: int) -> None:
-        """Cache a user's system at `offset` (LRU, bounded); index its non-model tracks for invalidation."""
-        self._systems[user] = system._replace(offset=offset)
-        self._systems.move_to_end(user)
-        for track in system.news:
-            self._track_users.setdefault(track, set()).add(user)
-        while len(self._systems) > self.system_cache_users:
-            self._systems.popitem(last=False)
+    def _remember(
+        self,
+        users: list[str],
+        S: np.ndarray,
+        b: np.ndarray,
+        known: np.ndarray,
+        news: list[set[str]],
+        changes: Mapping[str, UserChange],
+        generation: int,
+    ) -> None:
+        """Cache the systems of `users` (those named in `changes`) at their new offsets, LRU-bounded;
+        index their non-model tracks for invalidation. Nothing is cached when a track vector changed
+        since `generation` (the systems may have been built with an old vector)."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            slot_of = self._slot_of
+            rows, slots = [], []
+            for user in users:  # users of this call are the most recent: keep them
+                if user in changes and user in slot_of:
+                    slot_of.move_to_end(user)
+            for i, user in enumerate(users):
+                change = changes.get(user)
+                if change is None:
+                    continue
+                slot = slot_of.get(user)
+                if slot is None:
+                    slot = self._free_slot(changes)
+                    if slot is None:
+                        continue  # the cache is full of this call's users
+                    slot_of[user] = slot
+                rows.append(i)
+                slots.append(slot)
+                self._offsets[slot] = change.after
+                if news[i]:  # (a superset is harmless: it only invalidates more often)
+                    for track in news[i]:
+                        self._track_users.setdefault(track, set()).add(user)
+            if slots:
+                index = np.asarray(slots, dtype=np.int64)
+                if len(rows) < len(users):
+                    pick = np.asarray(rows, dtype=np.int64)
+                    S, b, known = S[pick], b[pick], known[pick]
+                self._S[index] = S
+                self._b[index] = b
+                self._known[index] = known
+
+    def _free_slot(self, current: Mapping[str, UserChange]) -> int | None:
+        """A slot for one more user: a free one, or the least recently used user's."""
+        if not self._free and not len(self._offsets) and self.system_cache_users > 0:
+            # allocated once, uninitialised: the OS backs the pages as slots are first used
+            n, k = self.system_cache_users, self.k
+            self._S, self._b = np.empty((n, k, k)), np.empty((n, k))
+            self._offsets, self._known = np.full(n, -2, np.int64), np.zeros(n, bool)
+            self._free.extend(range(n - 1, -1, -1))
+        if self._free:
+            return self._free.pop()
+        if not self._slot_of:
+            return None
+        oldest = next(iter(self._slot_of))
+        if oldest in current:
+            return None
+        return self._slot_of.pop(oldest)
 
     def fold_in_tracks(self, listeners: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
         """Exact item half-step for new tracks: {track: (listener vectors (n, k), streams (n,))}."""
@@ -301,10 +385,13 @@ class LiveModel:
     def add_tracks(self, vectors: Mapping[str, np.ndarray]) -> None:
         """Insert (or update) folded-in tracks: searchable at once, part of later user fold-ins."""
         fresh: list[str] = []
-        self._generation += 1
-        for track in vectors:  # cached systems that count these tracks were built without (or with old) vectors
-            for user in self._track_users.pop(track, ()):
-                self._systems.pop(user, None)
+        with self._lock:
+            self._generation += 1
+            for track in vectors:  # cached systems that count these tracks were built without (or with old) vectors
+                for user in self._track_users.pop(track, ()):
+                    slot = self._slot_of.pop(user, None)
+                    if slot is not None:
+                        self._free.append(slot)
         gram = self.item_gram.copy()  # copy-on-write: a fold-in running in a thread keeps a consistent gram
         for track, vector in vectors.items():
             if track in self.item_index:

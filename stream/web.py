@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
-from batch.user_state import unpack_user
 from stream.live_model import UnknownTrackError
 
 if TYPE_CHECKING:
@@ -89,6 +88,9 @@ def register_views(worker: StreamWorker) -> None:
                 return self.fail(404, str(exc))
             except NotReadyError as exc:
                 return self.fail(503, str(exc))
+            except Exception:  # a bug: logged with its traceback here, never sent to the client
+                log.exception("%s %s failed", request.method, request.path)
+                return self.fail(500, "internal error; the worker log has the details")
             finally:
                 metrics.request_seconds.labels(self.route_name).observe(time.perf_counter() - started)
 
@@ -123,12 +125,12 @@ def register_views(worker: StreamWorker) -> None:
         return live
 
     def streamed_counts(user: str) -> dict[str, int]:
-        return unpack_user(worker.users.get(user.encode())).counts
+        return worker.user_state(user).counts
 
     def user_vector(user: str, counts: dict[str, int]):
         """(vector, source) for a user: fold-in vector, model row, on-the-fly fold-in, or none."""
         live = live_model()
-        stored = unpack_user(worker.users.get(user.encode()))
+        stored = worker.user_state(user)
         if stored.vector is not None and stored.version == live.version:
             return stored.vector, "fold-in"
         row = live.model_user_vector(user)

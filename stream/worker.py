@@ -23,6 +23,7 @@ holds the user's vector and answers for the user; requests reaching another work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 CURRENT_POLL_S = 5.0
 #: Users re-folded per batch after a model swap.
 REFOLD_BATCH = 2000
+#: Decoded user-state rows kept in memory (the cache is dropped, and refilled lazily from the table's
+#: store, when it grows past this, on partition revocation and when the consumer generation changes).
+STATE_CACHE_USERS = 500_000
 
 
 class StreamWorker:
@@ -69,6 +73,10 @@ class StreamWorker:
         self.track_vectors: dict[str, np.ndarray] = {}
         self.partitioner = KeyPartitioner(settings.partitions)
         self._fold_task: asyncio.Future | None = None
+        #: user -> decoded row, ahead of the table's store only by the batch whose fold-in is in flight
+        #: (its rows are written when the fold-in finishes, before the batch is acked).
+        self._states: dict[str, UserState] = {}
+        self._states_generation: int | None = None
         self._swap_lock = asyncio.Lock()
         P = settings.partitions
         self.topics = topics = settings.topics
@@ -212,13 +220,13 @@ class StreamWorker:
         live = self.live
         if live is None:
             return
-        users = [key for key, _ in self.users.items()]
+        users = list(dict.fromkeys([*(key for key, _ in self.users.items()), *(u.encode() for u in self._states)]))
         loop = asyncio.get_running_loop()
         for start in range(0, len(users), REFOLD_BATCH):
             states = {}
             for key in users[start : start + REFOLD_BATCH]:
                 try:
-                    states[key.decode()] = unpack_user(self.users.get(key))
+                    states[key.decode()] = self.user_state(key.decode())
                 except (UnicodeDecodeError, UserStateError) as exc:
                     log.error("user-state row %r is damaged, not re-folded: %s", key[:60], exc)
             full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
@@ -226,11 +234,13 @@ class StreamWorker:
             entries = []
             for user, state in states.items():
                 key = user.encode()
-                current = unpack_user(self.users.get(key))
+                current = self.user_state(user)
                 if current.offset != state.offset:
                     continue  # plays arrived meanwhile: that batch folded the user in against this model
                 vector = vectors.get(user)
                 new = current._replace(version=live.version if vector is not None else None, vector=vector)
+                if user in self._states:
+                    self._states[user] = new
                 entries.append((key, pack_user(new), self.partitioner(key)))
             await self.user_writer.write(entries)  # stores before its first await: no interleaving
             self.metrics.user_fold_ins.inc(len(vectors))
@@ -238,12 +248,33 @@ class StreamWorker:
         log.info("re-folded %d users against model %s", len(users), live.version)
 
     # -- plays ---------------------------------------------------------------------------------
-    async def on_plays(self, batch: list[Any]) -> None:
+    def user_state(self, user: str) -> UserState:
+        """The user's current row: the decoded cache, else the table's store (not cached: a reader may run
+        while partitions recover). Raises `UserStateError` for a damaged row."""
+        state = self._states.get(user)
+        return state if state is not None else unpack_user(self.users.get(user.encode()))
+
+    def _cached_state(self, user: str) -> UserState:
+        state = self._states.get(user)
+        if state is None:
+            state = self._states[user] = unpack_user(self.users.get(user.encode()))
+        return state
+
+    def _check_state_cache(self) -> None:
+        """Drop the decoded rows after a rebalance (the store was recovered) or when the cache is full."""
+        generation = self.app.consumer_generation_id
+        if generation != self._states_generation or len(self._states) > STATE_CACHE_USERS:
+            self._states.clear()
+            self._states_generation = generation
+
+    async def on_plays(self, batch: list[Any]) -> asyncio.Future | None:
         """One micro-batch of `plays` records: validate, count streams per user, fold in, write once.
 
         Counting is idempotent: each user's state records the offset of the last record applied
         (a user's records all live in one partition), so a batch re-delivered after a crash between
-        the table write and the offset commit is not counted twice.
+        the table write and the offset commit is not counted twice. Returns the batch's completion
+        (fold-in, then one changelog write per changed user): BatchIngest acks the batch when it is done,
+        so counts are durable before their offsets are committed.
         """
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -268,55 +299,69 @@ class StreamWorker:
                 continue
             events[event.user].append((message.offset, event.track, event.ms_played))
             partitions[event.user] = message.partition
+        # The previous batch's fold-in and write finish first: its thread reads the rows counted below,
+        # and rows reach the changelog in batch order.
+        await self.wait_fold_in(raise_errors=True)
+        self._check_state_cache()
         states: dict[str, UserState] = {}
         added: dict[str, dict[str, int]] = {}
         before: dict[str, int] = {}
         applied = streams = 0
+        live = self.live
+        cached = self._cached_state
         for user, plays in events.items():
-            state = unpack_user(self.users.get(user.encode()))
-            fresh = [p for p in plays if p[0] > state.offset]
+            state = cached(user)
+            offset = state.offset
+            fresh = [p for p in plays if p[0] > offset] if plays[0][0] <= offset else plays
             if not fresh:
                 continue  # re-delivered after a crash: already counted
             applied += len(fresh)
-            new = {}
+            new: dict[str, int] = {}
+            counts = state.counts  # the cached row's dict, updated in place
             for _, track, ms_played in fresh:
                 if ms_played >= MIN_MS_PLAYED:
                     new[track] = new.get(track, 0) + 1
-                    state.counts[track] = state.counts.get(track, 0) + 1
+                    counts[track] = counts.get(track, 0) + 1
             streams += sum(new.values())
-            before[user] = state.offset
-            states[user] = state._replace(offset=max(p[0] for p in fresh))
+            before[user] = offset
+            states[user] = self._states[user] = state._replace(offset=fresh[-1][0])
             if new:
                 added[user] = new
-            elif self.live is not None:
-                self.live.advance(user, before[user], states[user].offset)
-        # Stage A: the counts are written (and made durable) before the batch is acked.
-        await self.user_writer.write([(u.encode(), pack_user(st), partitions[u]) for u, st in states.items()])
+            elif live is not None:
+                live.advance(user, offset, fresh[-1][0])
         self.metrics.events.inc(applied)
         self.metrics.streams.inc(streams)
         self.metrics.batch_events.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        # Stage B: fold-in runs in a thread while the next batch is decoded and counted (one batch in flight,
-        # so cached systems advance in order); its vectors are merged into the rows when done.
-        if added and self.live is not None:
-            await self.wait_fold_in()
-            self._fold_task = asyncio.ensure_future(
-                self._fold_in({u: states[u] for u in added}, added, before, partitions)
-            )
+        if not states:
+            return None
+        if not added or live is None:  # nothing to fold in: write the counts now
+            await self.user_writer.write([(u.encode(), pack_user(st), partitions[u]) for u, st in states.items()])
+            return None
+        # Fold-in runs in a thread while the next batch is decoded; then every changed row is written once
+        # (counts, offset and the new vector) and the batch is acked (one batch in flight).
+        self._fold_task = asyncio.ensure_future(self._fold_in(live, states, added, before, partitions))
+        return self._fold_task
 
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the fold-in in flight before partitions move: its rows must reach the changelog before
-        the next owner recovers them (a later write from here would overwrite the new owner's rows)."""
+        the next owner recovers them (a later write from here would overwrite the new owner's rows).
+        The decoded rows are dropped: the next generation refills them from the recovered store."""
         await self.wait_fold_in()
+        self._states.clear()
+        self._states_generation = None
 
-    async def wait_fold_in(self) -> None:
-        """Wait for the micro-batch fold-in in flight (if any); its failure is logged, not raised."""
+    async def wait_fold_in(self, raise_errors: bool = False) -> None:
+        """Wait for the micro-batch completion in flight (if any). Its failure (a changelog write that
+        failed) reaches BatchIngest through the completion itself, which crashes the worker; with
+        `raise_errors` it is raised here too (the next batch must not count on top of it)."""
         task, self._fold_task = self._fold_task, None
         if task is not None:
-            try:
-                await task
-            except Exception:
-                log.exception("fold-in of a micro-batch failed; its users are folded in again on their next plays")
+            if raise_errors:
+                await asyncio.shield(task)
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(task)
 
     async def _dead_letter(self, message: Any, reason: str) -> None:
         self.metrics.dead_letters.labels(dead_letter_kind(reason)).inc()
@@ -328,14 +373,15 @@ class StreamWorker:
 
     async def _fold_in(
         self,
+        live: LiveModel,
         states: dict[str, UserState],
         added: dict[str, dict[str, int]],
         before: dict[str, int],
         partitions: dict[str, int],
     ) -> dict[str, np.ndarray]:
-        """Solve the changed users' vectors (off the event loop), merge them into the users' current
-        rows, and forward plays of unknown tracks."""
-        live = self.live
+        """Solve the changed users' vectors (off the event loop), write every changed row once (counts,
+        offset, vector) and make it durable, and forward plays of unknown tracks. A failed solve is
+        logged (the counts are still written); a failed write raises (the batch is not acked)."""
         started = time.perf_counter()
         changes = {
             user: UserChange(
@@ -345,17 +391,28 @@ class StreamWorker:
             )
             for user, new in added.items()
         }
-        full = _FullCounts(live, states)
-        vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full, changes)
-        entries, olds = [], []
-        for user, vector in vectors.items():
-            key = user.encode()
-            current = unpack_user(self.users.get(key))  # counts may have moved on: keep them, set the vector
-            old = current.vector if current.version == live.version else live.model_user_vector(user)
-            olds.append(np.zeros(live.k, np.float32) if old is None else old)
-            entries.append((key, pack_user(current._replace(version=live.version, vector=vector)), partitions[user]))
-        if vectors:
-            live.users_moved(np.stack(olds), np.stack(list(vectors.values())))
+        full = _FullCounts(live, states)  # read in the thread: no batch is counted until this task is done
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full, changes)
+        except Exception:
+            log.exception("fold-in of a micro-batch failed; its users are folded in again on their next plays")
+            vectors = {}
+        entries, olds, news = [], [], []
+        swapped = self.live is not live
+        for user, state in states.items():
+            vector = vectors.get(user)
+            current = self._states.get(user, state)
+            newer = swapped and current.vector is not None and current.version != live.version  # re-folded
+            if vector is not None and not newer:
+                old = current.vector if current.version == live.version else live.model_user_vector(user)
+                olds.append(np.zeros(live.k, np.float32) if old is None else old)
+                news.append(vector)
+                current = current._replace(version=live.version, vector=vector)
+                if user in self._states:
+                    self._states[user] = current  # the recommendations reflect the plays from here on
+            entries.append((user.encode(), pack_user(current), partitions[user]))
+        if news:
+            live.users_moved(np.stack(olds), np.stack(news))
         await self.user_writer.write(entries)
         self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))

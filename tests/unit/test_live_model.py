@@ -120,7 +120,7 @@ def test_incremental_fold_in_equals_a_rebuild(published):
         want = fresh.fold_in_users(counts)
         for user in counts:
             np.testing.assert_allclose(got[user], want[user], rtol=1e-5, atol=1e-7)
-        assert all(live._systems[u].offset == offsets[u] for u in counts)
+        assert all(live.cached_offset(u) == offsets[u] for u in counts)
     assert set(first) == {"a", "b"}
     # a change that does not follow the cached offset rebuilds from all counts (still exact)
     counts["a"]["t3"] = counts["a"].get("t3", 0.0) + 1
@@ -129,7 +129,7 @@ def test_incremental_fold_in_equals_a_rebuild(published):
     # a folded-in track's vector invalidates the systems that count it
     live.add_tracks({"unknown-x": np.ones(live.k, np.float32)})
     fresh.add_tracks({"unknown-x": np.ones(live.k, np.float32)})
-    assert "b" not in live._systems
+    assert live.cached_offset("b") is None
     counts["b"]["t1"] = counts["b"].get("t1", 0.0) + 1
     got = live.fold_in_users(counts, {"b": UserChange(offsets["b"], offsets["b"] + 1, {"t1": (1, counts["b"]["t1"])})})
     np.testing.assert_allclose(got["b"], fresh.fold_in_users({"b": counts["b"]})["b"], rtol=1e-5, atol=1e-7)
@@ -162,3 +162,29 @@ def test_taken_down_tracks_are_never_answered_until_restored(published, use_inde
     assert "brand-new" not in [s.track for s in live.recommend(users[0], 10)]
     live.restore(["brand-new"])
     assert live.recommend(users[0], 1)[0].track == "brand-new"
+
+
+def test_system_cache_is_lru_bounded_and_stays_exact(published):
+    """More active users than cache slots: the least recently used are evicted and rebuilt, never wrong."""
+    from stream.live_model import UserChange
+
+    store, _plays = published
+    live = LiveModel(store.load(), use_index=False, system_cache_users=2)
+    fresh = LiveModel(store.load(), use_index=False)
+    counts = {u: {"t1": 1.0, f"t{i + 2}": 2.0} for i, u in enumerate(["a", "b", "c"])}
+    offsets = dict.fromkeys(counts, 0)
+    for step in range(4):
+        batch = ["a", "b", "c"] if step % 2 == 0 else ["c", "a"]
+        changes = {}
+        for user in batch:
+            track = f"t{(step * 3 + len(user)) % 20}"
+            counts[user][track] = counts[user].get(track, 0.0) + 1
+            changes[user] = UserChange(offsets[user], offsets[user] + 1, {track: (1, counts[user][track])})
+            offsets[user] += 1
+        got = live.fold_in_users({u: counts[u] for u in batch}, changes)
+        want = fresh.fold_in_users({u: counts[u] for u in batch})
+        for user in batch:
+            np.testing.assert_allclose(got[user], want[user], rtol=1e-5, atol=1e-7)
+        cached = [u for u in counts if live.cached_offset(u) is not None]
+        assert len(cached) <= 2
+        assert all(live.cached_offset(u) == offsets[u] for u in cached)
