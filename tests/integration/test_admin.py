@@ -82,3 +82,49 @@ def test_admin_routes(kafka_bootstrap, tmp_path):
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_admin_routes_fuzz_never_answer_5xx(kafka_bootstrap, tmp_path):
+    """Property-based admin requests (random ids, bodies and Authorization headers): never 5xx."""
+    import urllib.parse
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    store = publish_model(tmp_path)
+    prefix, app_id = unique_names()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    worker = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "w", admin_token_file=token_file)
+    try:
+        worker.wait_ready(120)
+        ids = st.text(min_size=1, max_size=300).filter(lambda t: t not in (".", ".."))
+        headers = st.one_of(
+            st.just(AUTH), st.builds(lambda h: {"Authorization": h}, st.text(alphabet=st.characters(0x20, 0x7E)))
+        )
+        bodies = st.one_of(
+            st.none(),
+            st.binary(max_size=200),
+            st.builds(
+                lambda v: json.dumps(v).encode(),
+                st.dictionaries(st.sampled_from(["version", "reason", "x"]), st.one_of(st.text(), st.integers())),
+            ),
+        )
+
+        def check(status, body) -> None:
+            assert 0 < status < 500, (status, body)
+            assert "Traceback" not in str(body)
+
+        @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(track=ids, auth=headers, body=bodies)
+        def run(track, auth, body):
+            path = f"/admin/tracks/{urllib.parse.quote(track, safe='')}/takedown"
+            check(*worker.request(path, "PUT", body, auth))
+            check(*worker.request(path, "DELETE", None, auth))
+            check(*worker.request("/admin/model/reload", "POST", body, auth))
+            check(*worker.request("/admin/takedowns", "GET", None, auth))
+
+        run()
+        assert worker.request("/admin/model/reload", "POST", b"x" * 10_000, AUTH)[0] == 400
+    finally:
+        worker.stop()
