@@ -122,32 +122,17 @@ class StreamWorker:
             app, topics.track_plays, self.on_track_plays, max_batch=5000, max_latency_s=settings.max_latency_s
         )
         client_kwargs = settings.security.aiokafka_kwargs()
-        self.model_reader = BroadcastReader(
-            settings.bootstrap,
-            topics.model_updates,
-            self.on_model_updates,
-            from_beginning=False,
-            client_kwargs=client_kwargs,
-        )
-        self.track_reader = BroadcastReader(
-            settings.bootstrap,
-            topics.track_vectors,
-            self.on_track_vectors,
-            from_beginning=True,
-            client_kwargs=client_kwargs,
-        )
-        self.takedown_reader = BroadcastReader(
-            settings.bootstrap,
-            topics.track_takedowns,
-            self.on_takedowns,
-            from_beginning=True,
-            client_kwargs=client_kwargs,
-        )
+
+        def broadcast(topic: str, callback: Any, from_beginning: bool) -> BroadcastReader:
+            reader = BroadcastReader(settings.bootstrap, topic, callback, from_beginning, client_kwargs)
+            app.task(reader.run)
+            return reader
+
+        self.model_reader = broadcast(topics.model_updates, self.on_model_updates, from_beginning=False)
+        self.track_reader = broadcast(topics.track_vectors, self.on_track_vectors, from_beginning=True)
+        self.takedown_reader = broadcast(topics.track_takedowns, self.on_takedowns, from_beginning=True)
         #: track -> taken down (True) or restored (False), as the compacted take-down topic says
         self.takedowns: dict[str, bool] = {}
-        app.task(self.model_reader.run)
-        app.task(self.track_reader.run)
-        app.task(self.takedown_reader.run)
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
