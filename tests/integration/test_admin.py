@@ -100,7 +100,10 @@ def test_admin_routes_fuzz_never_answer_5xx(kafka_bootstrap, tmp_path):
         worker.wait_ready(120)
         ids = st.text(min_size=1, max_size=300).filter(lambda t: t not in (".", ".."))
         headers = st.one_of(
-            st.just(AUTH), st.builds(lambda h: {"Authorization": h}, st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E)))
+            st.just(AUTH),
+            st.builds(
+                lambda h: {"Authorization": h}, st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E))
+            ),
         )
         bodies = st.one_of(
             st.none(),
