@@ -15,6 +15,11 @@ queries.
 
 Usage: python benchmarks/forest_vs_peers.py [--quick] [--n-items N] [--n-queries Q] [--seed S]
 Prints markdown tables; writes docs/img/forest_recall_qps.png.
+
+Build side by side: ``--build-only --trees 50 --sizes 100000,1000000 --rounds 3 [--metrics dot,cosine]``
+builds the forest (``n_trees=trees, leaf_size=64``) and annoy (``add_item`` loop + ``build(trees,
+n_jobs=1)``) on the same data, alternating which goes first, ``rounds`` times per size and metric,
+and prints median build seconds, their ratio, and recall@10 of both at equal ``search_k``.
 """
 
 from __future__ import annotations
@@ -71,10 +76,10 @@ def exact(x: np.ndarray, q: np.ndarray, metric: str, block: int = 256) -> tuple[
         xs = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
     out = np.empty((len(q), K), np.int64)
     for a in range(0, len(q), block):
-        s = q[a:a + block] @ xs.T
+        s = q[a : a + block] @ xs.T
         top = np.argpartition(-s, K - 1, axis=1)[:, :K]
         o = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-        out[a:a + block] = np.take_along_axis(top, o, axis=1)
+        out[a : a + block] = np.take_along_axis(top, o, axis=1)
     return out, len(q) / (time.perf_counter() - t0)
 
 
@@ -148,9 +153,11 @@ def side_by_side(f, h, x, q, truth, forest_knobs, ef_knobs, rounds: int, brute_q
     """
     runs = [(f"forest search_k={sk}", lambda sk=sk: f.query_batch(q, k=K, search_k=sk)[0]) for sk in forest_knobs]
     for ef in ef_knobs:
+
         def hnsw(ef=ef):
             h.set_ef(ef)
             return h.knn_query(q, k=K, num_threads=1)[0]
+
         runs.append((f"hnswlib ef={ef}", hnsw))
     qb = q[:brute_queries]
     runs.append(("exact brute force", lambda: exact(x, qb, "dot")[0]))
@@ -164,20 +171,28 @@ def side_by_side(f, h, x, q, truth, forest_knobs, ef_knobs, rounds: int, brute_q
             times[name].append(n / (time.perf_counter() - t0))
             rec[name] = recall(ids, truth[:n])
     med = {name: float(np.median(v)) for name, v in times.items()}
-    out = [f"| method | recall@10 | median queries/s ({rounds} rounds) | min - max | x brute |",
-           "|---|---:|---:|---:|---:|"]
+    out = [
+        f"| method | recall@10 | median queries/s ({rounds} rounds) | min - max | x brute |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, _ in runs:
-        out.append(f"| {name} | {rec[name]:.3f} | {med[name]:,.0f} | {min(times[name]):,.0f} - "
-                   f"{max(times[name]):,.0f} | {med[name] / med['exact brute force']:.1f} |")
+        out.append(
+            f"| {name} | {rec[name]:.3f} | {med[name]:,.0f} | {min(times[name]):,.0f} - "
+            f"{max(times[name]):,.0f} | {med[name] / med['exact brute force']:.1f} |"
+        )
     return "\n".join(out)
 
 
 def table(rows, brute_qps) -> str:
-    out = ["| data | library | knob | build s | bytes | queries/s | x brute | recall@10 |",
-           "|---|---|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| data | library | knob | build s | bytes | queries/s | x brute | recall@10 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for tag, lib, knob, build, size, qps, rec in rows:
-        out.append(f"| {tag} | {lib} | {knob} | {build:.1f} | {size / 1e6:.1f} MB | {qps:,.0f} | "
-                   f"{qps / brute_qps[tag]:.1f} | {rec:.3f} |")
+        out.append(
+            f"| {tag} | {lib} | {knob} | {build:.1f} | {size / 1e6:.1f} MB | {qps:,.0f} | "
+            f"{qps / brute_qps[tag]:.1f} | {rec:.3f} |"
+        )
     return "\n".join(out)
 
 
@@ -226,6 +241,68 @@ def cached_truth(x: np.ndarray, q: np.ndarray, key: str) -> np.ndarray:
     return t
 
 
+def build_side_by_side(
+    sizes: list[int], metrics: list[str], trees: int, rounds: int, seed: int, n_queries: int, knobs: list[int]
+) -> str:
+    """Forest and annoy builds timed in alternation (same process, same data): median seconds,
+    forest / annoy ratio, recall@10 at equal search_k (last round's indexes)."""
+    import annoy
+
+    out = [
+        f"| data | metric | trees | forest build s (median, min-max) | annoy build s (median, min-max) "
+        f"| forest / annoy | {' | '.join(f'recall@10 forest / annoy sk={k}' for k in knobs)} |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(knobs),
+    ]
+    for n in sizes:
+        if n >= 500_000:
+            x, qu = big_set(seed, n, n_queries)
+            items_q = x[np.random.default_rng([seed, 2, n]).choice(n, n_queries, replace=False)]
+        else:
+            rng = np.random.default_rng(seed)
+            x, centres = als_like_items(n, 40, rng)
+            qu = user_queries(n_queries, centres, rng)
+            items_q = x[rng.choice(n, n_queries, replace=False)]
+        for metric in metrics:
+            q = qu if metric == "dot" else items_q
+            truth, _ = exact(x, q, metric)
+            tf: list[float] = []
+            ta: list[float] = []
+            f = a = None
+            for r in range(rounds):
+                for which in ("forest", "annoy") if r % 2 == 0 else ("annoy", "forest"):
+                    if which == "forest":
+                        f = None
+                        t0 = time.perf_counter()
+                        f = HyperplaneForest(x.shape[1], metric, n_trees=trees, leaf_size=64, seed=0).build(
+                            x, np.arange(n)
+                        )
+                        tf.append(time.perf_counter() - t0)
+                    else:
+                        a = None
+                        t0 = time.perf_counter()
+                        a = annoy.AnnoyIndex(x.shape[1], "dot" if metric == "dot" else "angular")
+                        for i, v in enumerate(x):
+                            a.add_item(i, v)
+                        a.build(trees, n_jobs=1)
+                        ta.append(time.perf_counter() - t0)
+                print(f"# {n // 1000}K {metric} round {r + 1}: forest {tf[-1]:.2f} s, annoy {ta[-1]:.2f} s", flush=True)
+            recs = []
+            for k in knobs:
+                ids, _ = f.query_batch(q, k=K, search_k=k)
+                found = np.array(
+                    [np.pad(np.asarray(a.get_nns_by_vector(v, K, search_k=k), np.int64), (0, 0)) for v in q]
+                )
+                recs.append(f"{recall(ids, truth):.3f} / {recall(found, truth):.3f}")
+            mf, ma = float(np.median(tf)), float(np.median(ta))
+            out.append(
+                f"| {n // 1000}K | {metric} | {trees} | {mf:.2f} ({min(tf):.2f}-{max(tf):.2f}) | "
+                f"{ma:.2f} ({min(ta):.2f}-{max(ta):.2f}) | {mf / ma:.2f} | {' | '.join(recs)} |"
+            )
+            print(out[-1], flush=True)
+            del f, a
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-items", type=int, default=100_000, help="items of the first data set")
@@ -233,8 +310,12 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=10_000, help="queries per query set")
     p.add_argument("--peer-queries", type=int, default=2_000, help="queries for annoy's per-query loop")
     p.add_argument("--big-queries", type=int, default=10_000, help="queries on the large set")
-    p.add_argument("--add-items", type=int, default=20_000,
-                   help="the large set's last items, inserted with add() into a forest built on the rest")
+    p.add_argument(
+        "--add-items",
+        type=int,
+        default=20_000,
+        help="the large set's last items, inserted with add() into a forest built on the rest",
+    )
     p.add_argument("--trees", type=int, default=50, help="trees of annoy and of the tree-walk forest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -242,7 +323,34 @@ def main() -> None:
     p.add_argument("--skip-annoy-big", action="store_true", help="no annoy on the large set (its build is slow)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the side-by-side timing (0 skips it)")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "forest_recall_qps.png")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="only the build side by side (forest vs annoy, --trees, --sizes, --rounds, --metrics)",
+    )
+    p.add_argument("--sizes", default="100000,1000000", help="--build-only: comma-separated item counts")
+    p.add_argument("--metrics", default="dot,cosine", help="--build-only: comma-separated metrics")
+    p.add_argument("--build-queries", type=int, default=1000, help="--build-only: queries for recall@10")
+    p.add_argument("--build-knobs", default="2000,10000", help="--build-only: search_k values for recall")
     args = p.parse_args()
+    if args.build_only:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        logging.basicConfig(level=logging.WARNING)
+        print(
+            "\n"
+            + build_side_by_side(
+                [int(v) for v in args.sizes.split(",")],
+                args.metrics.split(","),
+                args.trees,
+                max(1, args.rounds),
+                args.seed,
+                args.build_queries,
+                [int(v) for v in args.build_knobs.split(",")],
+            )
+        )
+        return
     if args.quick:
         args.n_items, args.big_items, args.n_queries = 20_000, 60_000, 1_000
         args.peer_queries, args.big_queries, args.add_items, args.trees = 300, 1_000, 2_000, 20
@@ -272,8 +380,11 @@ def main() -> None:
         h = run_hnsw(x, q, truth, "ip" if metric == "dot" else "cosine", hk, rows, tag)
         print(table([r for r in rows if r[0] == tag], brute), flush=True)
         if metric == "dot" and args.rounds:
-            print(f"\n## {tag} side by side\n\n" + side_by_side(f1, h, x, q, truth, [4000, 8000], [40, 80],
-                                                                args.rounds, brute_queries=1024), flush=True)
+            print(
+                f"\n## {tag} side by side\n\n"
+                + side_by_side(f1, h, x, q, truth, [4000, 8000], [40, 80], args.rounds, brute_queries=1024),
+                flush=True,
+            )
 
     extra = ""
     if args.big_items:
@@ -291,8 +402,11 @@ def main() -> None:
         h = run_hnsw(xb, qb, truth, "ip", hk, rows, tag, ef_construction=100)
         print(table([r for r in rows if r[0] == tag], brute), flush=True)
         if args.rounds:
-            print(f"\n## {tag} side by side\n\n" + side_by_side(g, h, xb, qb, truth, [10000, 15000], [80, 160],
-                                                                args.rounds), flush=True)
+            print(
+                f"\n## {tag} side by side\n\n"
+                + side_by_side(g, h, xb, qb, truth, [10000, 15000], [80, 160], args.rounds),
+                flush=True,
+            )
             del h
         # insert after build: base forest + add(), vs the forest built on everything at once
         n0 = n - args.add_items
@@ -301,19 +415,25 @@ def main() -> None:
         f.add(xb[n0:], np.arange(n0, n))
         t_add = time.perf_counter() - t0
         new = truth >= n0
-        lines = ["| forest 1x64 | search_k | queries/s | recall@10 | recall of the new items |",
-                 "|---|---:|---:|---:|---:|"]
+        lines = [
+            "| forest 1x64 | search_k | queries/s | recall@10 | recall of the new items |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for sk in (10000, 20000):
             for name, h in (("built on 980K + add() 20K", f), ("built on all at once", g)):
                 t0 = time.perf_counter()
                 ids, _ = h.query_batch(qb, k=K, search_k=sk)
                 qps = len(qb) / (time.perf_counter() - t0)
                 hit = (ids[:, :, None] == truth[:, None, :]).any(axis=1)
-                lines.append(f"| {name} | {sk} | {qps:,.0f} | {recall(ids, truth):.3f} | "
-                             f"{hit[new].mean() if new.any() else float('nan'):.3f} |")
-        extra = (f"\n## add(): {args.add_items:,} items into a {n0:,}-item forest: {t_add:.2f} s "
-                 f"({args.add_items / t_add:,.0f} items/s); the truth holds {int(new.sum())} new-item slots\n\n"
-                 + "\n".join(lines))
+                lines.append(
+                    f"| {name} | {sk} | {qps:,.0f} | {recall(ids, truth):.3f} | "
+                    f"{hit[new].mean() if new.any() else float('nan'):.3f} |"
+                )
+        extra = (
+            f"\n## add(): {args.add_items:,} items into a {n0:,}-item forest: {t_add:.2f} s "
+            f"({args.add_items / t_add:,.0f} items/s); the truth holds {int(new.sum())} new-item slots\n\n"
+            + "\n".join(lines)
+        )
         print(extra, flush=True)
 
     print("\n## all results\n")

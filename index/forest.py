@@ -33,12 +33,12 @@ from .errors import (
 )
 from .storage import ARRAY_NAMES, load_arrays, save_arrays
 from .transforms import check_metric, items_to_routing, queries_to_routing, routing_dim
-from .tree_build import Grown, grow
+from .tree_build import Grown, grow, merge
 
 log = logging.getLogger(__name__)
 
 _GROUP_ELEMENTS = 1 << 21  # (tree, item) pairs grown together: bounds build memory
-_STATS_ROWS = 1 << 21  # leaf slots per leaf-statistics chunk
+_STATS_ROWS = 1 << 16  # leaf slots per leaf-statistics chunk (the gathered rows stay cache-sized)
 SEARCH_MODES = ("auto", "tree", "scan")
 _SCAN_RATIO = 4  # auto: scan when there are at most 4 * search_k leaves (or <= 2 trees)
 _SCAN_BLOCK = 8192  # queries per block in scan mode (each probed leaf is read once per block)
@@ -168,11 +168,15 @@ class HyperplaneForest:
         a = self._arrays()
         counts = a["leaf_count"][a["leaf_cap"] > 0]
         return {
-            "items": len(self), "rows": len(a["vectors"]), "trees": self.n_trees,
-            "internal_nodes": len(a["offsets"]), "leaves": len(counts),
+            "items": len(self),
+            "rows": len(a["vectors"]),
+            "trees": self.n_trees,
+            "internal_nodes": len(a["offsets"]),
+            "leaves": len(counts),
             "mean_leaf": float(counts.mean()) if len(counts) else 0.0,
             "max_leaf": int(counts.max()) if len(counts) else 0,
-            "bytes": self.nbytes, "index_bytes": self.nbytes - int(a["vectors"].nbytes),
+            "bytes": self.nbytes,
+            "index_bytes": self.nbytes - int(a["vectors"].nbytes),
         }
 
     # ------------------------------------------------------------------ ids
@@ -231,14 +235,22 @@ class HyperplaneForest:
         self.n_adds = 0
         rdim = routing_dim(self.metric, self.dim)
         a: dict[str, np.ndarray] = {
-            "vectors": x, "norms": norms, "ids": id_arr, "alive": np.ones(n, dtype=bool),
+            "vectors": x,
+            "norms": norms,
+            "ids": id_arr,
+            "alive": np.ones(n, dtype=bool),
             "lookup_rows": np.zeros(0, np.int64),
-            "normals": np.zeros((0, rdim), np.float32), "offsets": np.zeros(0, np.float32),
-            "children": np.zeros((0, 2), np.int32), "roots": np.zeros(self.n_trees, np.int32),
-            "leaf_start": np.zeros(0, np.int64), "leaf_count": np.zeros(0, np.int32),
-            "leaf_cap": np.zeros(0, np.int32), "leaf_parent": np.zeros(0, np.int64),
+            "normals": np.zeros((0, rdim), np.float32),
+            "offsets": np.zeros(0, np.float32),
+            "children": np.zeros((0, 2), np.int32),
+            "roots": np.zeros(self.n_trees, np.int32),
+            "leaf_start": np.zeros(0, np.int64),
+            "leaf_count": np.zeros(0, np.int32),
+            "leaf_cap": np.zeros(0, np.int32),
+            "leaf_parent": np.zeros(0, np.int64),
             "leaf_items": np.zeros(0, np.int32),
-            "leaf_centroid": np.zeros((0, rdim), np.float32), "leaf_radius": np.zeros(0, np.float32),
+            "leaf_centroid": np.zeros((0, rdim), np.float32),
+            "leaf_radius": np.zeros(0, np.float32),
         }
         self._a = a
         self._mutable = True
@@ -246,18 +258,38 @@ class HyperplaneForest:
         z = items_to_routing(x, self.metric, self.ref_norm)
         rng = np.random.default_rng(self.seed)
         group = max(1, _GROUP_ELEMENTS // max(n, 1))
+        parts = []
         for t0_tree in range(0, self.n_trees, group):
             trees = np.arange(t0_tree, min(t0_tree + group, self.n_trees))
             items = np.tile(np.arange(n, dtype=np.int32), len(trees))
-            g = grow(items, np.arange(len(trees)) * n, np.full(len(trees), n), z, self.leaf_size, rng,
-                     sample=self.sample, iters=self.iters, balance=self.balance)
-            self._graft(g, np.arange(n, dtype=np.int64), -1 - trees.astype(np.int64), tight=True, z=z)
-        log.info("built %d trees over %d items (%s) in %.2fs: %s", self.n_trees, n, self.metric,
-                 time.perf_counter() - t0, self.stats())
+            g = grow(
+                items,
+                np.arange(len(trees)) * n,
+                np.full(len(trees), n),
+                z,
+                self.leaf_size,
+                rng,
+                sample=self.sample,
+                iters=self.iters,
+                balance=self.balance,
+            )
+            parts.append(g)
+        # one graft for all groups: grafting per group re-copied every accumulated array each time
+        g = merge(parts)
+        self._graft(g, np.arange(n, dtype=np.int64), -1 - np.arange(self.n_trees, dtype=np.int64), tight=True, z=z)
+        log.info(
+            "built %d trees over %d items (%s) in %.2fs: %s",
+            self.n_trees,
+            n,
+            self.metric,
+            time.perf_counter() - t0,
+            self.stats(),
+        )
         return self
 
-    def _graft(self, g: Grown, local_to_row: np.ndarray, seg_refs: np.ndarray, *, tight: bool,
-               z: np.ndarray | None = None) -> None:
+    def _graft(
+        self, g: Grown, local_to_row: np.ndarray, seg_refs: np.ndarray, *, tight: bool, z: np.ndarray | None = None
+    ) -> None:
         """Append grown nodes; segment ``j``'s root replaces the node referenced by ``seg_refs[j]``."""
         a = self._arrays()
         n_int0, n_leaf0, l0 = len(a["offsets"]), len(a["leaf_count"]), len(a["leaf_items"])
@@ -269,8 +301,7 @@ class HyperplaneForest:
         a["normals"] = np.concatenate([a["normals"], g.normals])
         a["offsets"] = np.concatenate([a["offsets"], g.offsets])
         a["children"] = np.concatenate([a["children"], remap(g.children)])
-        parent = np.where(g.leaf_parent >= 0, g.leaf_parent + 2 * n_int0,
-                          seg_refs[np.maximum(-1 - g.leaf_parent, 0)])
+        parent = np.where(g.leaf_parent >= 0, g.leaf_parent + 2 * n_int0, seg_refs[np.maximum(-1 - g.leaf_parent, 0)])
         a["leaf_parent"] = np.concatenate([a["leaf_parent"], parent])
         a["leaf_count"] = np.concatenate([a["leaf_count"], g.leaf_count])
         items = local_to_row[g.items].astype(np.int32)
@@ -293,8 +324,9 @@ class HyperplaneForest:
         a["children"][seg_refs[inner] // 2, seg_refs[inner] % 2] = roots[inner]
         a["roots"][-1 - seg_refs[~inner]] = roots[~inner]
         n_new = len(g.leaf_count)
-        a["leaf_centroid"] = np.concatenate([a["leaf_centroid"],
-                                             np.zeros((n_new, a["leaf_centroid"].shape[1]), np.float32)])
+        a["leaf_centroid"] = np.concatenate(
+            [a["leaf_centroid"], np.zeros((n_new, a["leaf_centroid"].shape[1]), np.float32)]
+        )
         a["leaf_radius"] = np.concatenate([a["leaf_radius"], np.zeros(n_new, np.float32)])
         self._update_leaf_stats(np.arange(n_leaf0, n_leaf0 + n_new), z)
 
@@ -356,16 +388,22 @@ class HyperplaneForest:
             raise DuplicateIdError("ids passed to add() must be unique")
         _, found = self._rows_of(id_arr)
         if found.any():
-            raise DuplicateIdError(f"{int(found.sum())} ids are already in the forest, e.g. "
-                                   f"{id_arr[found][:3].tolist()}; remove() them first to replace")
+            raise DuplicateIdError(
+                f"{int(found.sum())} ids are already in the forest, e.g. "
+                f"{id_arr[found][:3].tolist()}; remove() them first to replace"
+            )
         self._ensure_mutable()
         a = self._arrays()
         norms = np.linalg.norm(x, axis=1).astype(np.float32)
         over = int((norms > self.ref_norm).sum()) if self.metric == "dot" else 0
         if over:
-            log.warning("%d added vectors have norm above the build's reference norm %.4g (max %.4g); "
-                        "they are routed by direction only; rebuild to restore full MIPS routing",
-                        over, self.ref_norm, float(norms.max()))
+            log.warning(
+                "%d added vectors have norm above the build's reference norm %.4g (max %.4g); "
+                "they are routed by direction only; rebuild to restore full MIPS routing",
+                over,
+                self.ref_norm,
+                float(norms.max()),
+            )
         row0 = len(a["vectors"])
         rows = np.arange(row0, row0 + len(x), dtype=np.int64)
         a["vectors"] = np.concatenate([a["vectors"], x])
@@ -409,16 +447,24 @@ class HyperplaneForest:
             uniq_rows, local = np.unique(all_rows, return_inverse=True)
             zl = items_to_routing(a["vectors"][uniq_rows], self.metric, self.ref_norm)
             rng = np.random.default_rng([self.seed, self.n_adds + 1])
-            g = grow(local.astype(np.int32), seg_start, seg_count, zl, self.leaf_size, rng,
-                     sample=self.sample, iters=self.iters, balance=self.balance)
+            g = grow(
+                local.astype(np.int32),
+                seg_start,
+                seg_count,
+                zl,
+                self.leaf_size,
+                rng,
+                sample=self.sample,
+                iters=self.iters,
+                balance=self.balance,
+            )
             refs = a["leaf_parent"][lv].copy()
             a["leaf_count"][lv] = 0
             a["leaf_cap"][lv] = 0
             self._graft(g, uniq_rows, refs, tight=False)
         self.n_adds += 1
         self._cache = {}
-        log.info("added %d items in %.3fs (%d leaves regrown)", len(x), time.perf_counter() - t0,
-                 int(redo.sum()))
+        log.debug("added %d items in %.3fs (%d leaves regrown)", len(x), time.perf_counter() - t0, int(redo.sum()))
 
     def remove(self, ids: Iterable[Any], *, missing_ok: bool = False) -> int:
         """Mask items (take-downs): they are never returned again. Returns how many were removed.
@@ -429,8 +475,10 @@ class HyperplaneForest:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         rows, found = self._rows_of(arr.ravel())
         if not found.all() and not missing_ok:
-            raise UnknownIdError(f"{int((~found).sum())} ids are not in the forest, e.g. "
-                                 f"{arr.ravel()[~found][:3].tolist()}; pass missing_ok=True to ignore")
+            raise UnknownIdError(
+                f"{int((~found).sum())} ids are not in the forest, e.g. "
+                f"{arr.ravel()[~found][:3].tolist()}; pass missing_ok=True to ignore"
+            )
         if not found.any():
             return 0
         self._ensure_mutable()
@@ -508,8 +556,9 @@ class HyperplaneForest:
                 self._cache["terms"] = (None, None)
         return self._cache["terms"]
 
-    def _scan_block(self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int,
-                    banned: np.ndarray | None, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _scan_block(
+        self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int, banned: np.ndarray | None, alive: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Leaf-scan search of a query block (``search.scan_leaves`` + ``search.grouped_rerank``).
 
         1. rank leaves by centroid score, keep the best until ``search_k`` items per query;
@@ -548,8 +597,9 @@ class HyperplaneForest:
         step = 1 << 15  # small chunks: the gathered rows stay in cache (no fresh pages to fault in)
         for c0 in range(0, len(frows), step):
             c1 = c0 + step
-            fs[c0:c1] = np.einsum("ij,ij->i", _search.rerank_matrix(a["vectors"], frows[c0:c1], scale, rbias),
-                                  qop[fqq[c0:c1]])
+            fs[c0:c1] = np.einsum(
+                "ij,ij->i", _search.rerank_matrix(a["vectors"], frows[c0:c1], scale, rbias), qop[fqq[c0:c1]]
+            )
         _ti, ts, tf = _search.topk_ragged(fqq, frows, fs, nq, k, self.n_trees)
         kth = ts[:, k - 1]  # slack: the GEMM may round the same score differently than einsum
         low = np.finfo(np.float32).min
@@ -581,21 +631,29 @@ class HyperplaneForest:
             kill_pair, kill_col = np.concatenate(kp), np.concatenate(kc)
             o = np.argsort(kill_pair, kind="stable")
             kill_pair, kill_col = kill_pair[o], kill_col[o]
-        sq, si, ss = _search.grouped_rerank(qop, spq, spl, tau, kill_pair, kill_col, a["leaf_start"], count,
-                                            a["leaf_items"], a["vectors"], scale, rbias)
+        sq, si, ss = _search.grouped_rerank(
+            qop, spq, spl, tau, kill_pair, kill_col, a["leaf_start"], count, a["leaf_items"], a["vectors"], scale, rbias
+        )
         return _search.topk_ragged(sq, si, ss, nq, k, self.n_trees)
 
-    def _search_block(self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int,
-                      banned: np.ndarray | None, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search_block(
+        self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int, banned: np.ndarray | None, alive: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._use_scan(search_k):
             return self._scan_block(q, qr, k, search_k, banned, alive)
         a = self._arrays()
         mean_leaf = max(1.0, float(np.mean(a["leaf_count"][a["leaf_cap"] > 0])) if len(a["leaf_cap"]) else 1.0)
         beam = max(self.n_trees, int(np.ceil(self.beam_factor * search_k / mean_leaf)))
         lid, lp = _search.collect_leaves(qr, a["roots"], a["normals"], a["offsets"], a["children"], beam)
-        cand, n_cand = _search.gather_candidates(lid, lp, a["leaf_start"], a["leaf_count"],
-                                                 a["leaf_items"], search_k,
-                                                 max_leaves=max(beam, int(np.ceil(2 * search_k / mean_leaf))))
+        cand, n_cand = _search.gather_candidates(
+            lid,
+            lp,
+            a["leaf_start"],
+            a["leaf_count"],
+            a["leaf_items"],
+            search_k,
+            max_leaves=max(beam, int(np.ceil(2 * search_k / mean_leaf))),
+        )
         raw = _search.rerank_scores(a["vectors"], cand, q)
         if self.metric == "cosine":
             nrm = a["norms"][cand]
@@ -607,8 +665,9 @@ class HyperplaneForest:
         scores = np.where(valid, raw, _search.NEG_INF)
         return _search.topk_distinct(scores, cand, k, banned, len(a["vectors"]), start_m=k * 8)
 
-    def _exact_block(self, q: np.ndarray, k: int, rows_q: np.ndarray, banned: np.ndarray | None,
-                     alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _exact_block(
+        self, q: np.ndarray, k: int, rows_q: np.ndarray, banned: np.ndarray | None, alive: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Brute-force fallback for queries that the forest could not serve ``k`` results."""
         a = self._arrays()
         raw = q @ a["vectors"].T
@@ -693,8 +752,7 @@ class HyperplaneForest:
                     break
                 sk *= 4
                 qi = short + b0
-                r, _, found = self._search_block(q[qi], qr[qi], k, sk, self._pick_banned(banned, qi, len(alive)),
-                                                 alive)
+                r, _, found = self._search_block(q[qi], qr[qi], k, sk, self._pick_banned(banned, qi, len(alive)), alive)
                 rows[qi] = r
                 short = short[found < want[qi]]
             if len(short):
@@ -749,10 +807,20 @@ class HyperplaneForest:
 
     # ------------------------------------------------------------------ persistence
     def _meta(self) -> dict[str, Any]:
-        return {"dim": self.dim, "metric": self.metric, "n_trees": self.n_trees, "leaf_size": self.leaf_size,
-                "seed": self.seed, "beam_factor": self.beam_factor, "sample": self.sample, "iters": self.iters,
-                "balance": self.balance, "search_mode": self.search_mode, "ref_norm": self.ref_norm,
-                "n_adds": self.n_adds}
+        return {
+            "dim": self.dim,
+            "metric": self.metric,
+            "n_trees": self.n_trees,
+            "leaf_size": self.leaf_size,
+            "seed": self.seed,
+            "beam_factor": self.beam_factor,
+            "sample": self.sample,
+            "iters": self.iters,
+            "balance": self.balance,
+            "search_mode": self.search_mode,
+            "ref_norm": self.ref_norm,
+            "n_adds": self.n_adds,
+        }
 
     def save(self, directory: str | os.PathLike[str], prefix: str = "forest") -> list[Path]:
         """Write plain ``.npy`` arrays and ``<prefix>.json`` into ``directory``; returns the paths."""
@@ -767,9 +835,18 @@ class HyperplaneForest:
         ``add``/``remove`` on a memory-mapped forest first copy the arrays into memory.
         """
         arrays, meta = load_arrays(directory, prefix, mmap)
-        f = cls(meta["dim"], meta["metric"], meta["n_trees"], meta["leaf_size"], meta["seed"],
-                beam_factor=meta["beam_factor"], sample=meta["sample"], iters=meta["iters"],
-                balance=meta["balance"], search_mode=meta.get("search_mode", "auto"))
+        f = cls(
+            meta["dim"],
+            meta["metric"],
+            meta["n_trees"],
+            meta["leaf_size"],
+            meta["seed"],
+            beam_factor=meta["beam_factor"],
+            sample=meta["sample"],
+            iters=meta["iters"],
+            balance=meta["balance"],
+            search_mode=meta.get("search_mode", "auto"),
+        )
         f.ref_norm = float(meta["ref_norm"])
         f.n_adds = int(meta["n_adds"])
         f._a = dict(arrays)

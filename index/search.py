@@ -21,6 +21,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
+import scipy.sparse as sp
 
 NEG_INF = np.float32(-np.inf)
 _GATHER_ROWS = 1 << 16  # candidate rows gathered per re-rank chunk (~10 MB of float32 at dim 40)
@@ -198,27 +199,38 @@ def topk_distinct(
 LEAF_RADIUS_WEIGHT = np.float32(0.2)  # leaf score = q.c + 0.2 r (tuned at 200K / 1M, see BENCHMARKS)
 _SCAN_QUERIES = 256  # queries per centroid-scan product
 _CELLS = 1 << 21  # (pair, slot) score cells per re-rank chunk (8 MB of float32)
+_STATS_CHUNK = 1 << 19  # floats per leaf-radius chunk (cache-sized temporaries)
 
 
 def leaf_stats(z: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroids ``(m, rdim)`` and radii ``(m,)`` of ``m`` leaves whose routing vectors are the
-    consecutive row runs of ``z`` with lengths ``counts`` (a run may be empty)."""
+    consecutive row runs of ``z`` with lengths ``counts`` (a run may be empty).
+
+    Sums are one sparse (leaf x row indicator) product; radii come from ``|z - c|^2`` in
+    cache-sized runs of whole leaves and one ``maximum.reduceat``."""
     m = len(counts)
     cent = np.zeros((m, z.shape[1]), dtype=np.float32)
     rad = np.zeros(m, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
     nz = counts > 0
     if not nz.any():
         return cent, rad
-    c = counts[nz].astype(np.int64)
-    first = np.cumsum(c) - c
-    seg = np.repeat(np.arange(len(c)), c)
-    sums = np.empty((len(c), z.shape[1]), dtype=np.float64)
-    for j in range(z.shape[1]):  # bincount per column: no per-segment loop (reduceat is slow here)
-        sums[:, j] = np.bincount(seg, weights=z[:, j], minlength=len(c))
-    cent[nz] = sums / c[:, None]
-    d = z - cent[nz][seg]
-    d2 = np.einsum("ij,ij->i", d, d)
-    rad[nz] = np.sqrt(np.maximum.reduceat(d2, first))
+    z = np.asarray(z, dtype=np.float32)
+    n_rows = int(counts.sum())
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    ind = sp.csr_matrix((np.ones(n_rows, np.float32), np.arange(n_rows, dtype=np.int64), indptr), shape=(m, n_rows))
+    cent[:] = ind @ z
+    cent[nz] /= counts[nz, None].astype(np.float32)
+    d2 = np.empty(n_rows, dtype=np.float32)
+    step = max(1, _STATS_CHUNK // max(z.shape[1], 1))
+    a = 0
+    while a < m:  # runs of whole leaves with about `step` rows
+        b = max(a + 1, int(np.searchsorted(indptr, indptr[a] + step, side="right")) - 1)
+        r0, r1 = indptr[a], indptr[b]
+        d = z[r0:r1] - np.repeat(cent[a:b], counts[a:b], axis=0)
+        d2[r0:r1] = np.einsum("ij,ij->i", d, d)
+        a = b
+    rad[nz] = np.sqrt(np.maximum.reduceat(d2, indptr[:-1][nz]))
     return cent, rad
 
 
@@ -229,8 +241,9 @@ def _ragged_ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(start, dtype=np.int64) - (np.cumsum(count) - count), count) + np.arange(total)
 
 
-def _leaf_scores(qr: np.ndarray, centroid: np.ndarray, bias: np.ndarray, cent_sq: np.ndarray | None,
-                 out: np.ndarray) -> np.ndarray:
+def _leaf_scores(
+    qr: np.ndarray, centroid: np.ndarray, bias: np.ndarray, cent_sq: np.ndarray | None, out: np.ndarray
+) -> np.ndarray:
     """Leaf scores into ``out`` (a reused buffer: big fresh arrays cost page faults)."""
     s = np.matmul(qr, centroid.T, out=out)
     if cent_sq is not None:
@@ -313,8 +326,9 @@ def scan_leaves(
     return pq.astype(np.int64), pl.astype(np.int64), rank
 
 
-def rerank_matrix(vectors: np.ndarray, rows: np.ndarray, row_scale: np.ndarray | None,
-                  row_bias: np.ndarray | None) -> np.ndarray:
+def rerank_matrix(
+    vectors: np.ndarray, rows: np.ndarray, row_scale: np.ndarray | None, row_bias: np.ndarray | None
+) -> np.ndarray:
     """Rows of the re-rank operand: ``y * scale`` and, with ``row_bias``, a last column ``bias``."""
     v = np.take(vectors, rows, axis=0)
     if row_scale is not None:
@@ -380,7 +394,7 @@ def grouped_rerank(
         buf.fill(NEG_INF)
         v_off = (np.cumsum(cnt) - cnt).tolist()
         for s0, e0, c, o in zip((g_start[gi:gj] - a).tolist(), (g_end[gi:gj] - a).tolist(), cnt.tolist(), v_off):
-            np.matmul(qs[s0:e0], vm[o:o + c].T, out=buf[s0:e0, :c])
+            np.matmul(qs[s0:e0], vm[o : o + c].T, out=buf[s0:e0, :c])
         if kill_pair is not None and len(kill_pair):
             lo, hi = np.searchsorted(kill_pair, [a, b])
             if hi > lo:
