@@ -41,7 +41,7 @@ _GROUP_ELEMENTS = 1 << 21  # (tree, item) pairs grown together: bounds build mem
 _STATS_ROWS = 1 << 16  # leaf slots per leaf-statistics chunk (the gathered rows stay cache-sized)
 SEARCH_MODES = ("auto", "tree", "scan")
 _SCAN_RATIO = 4  # auto: scan when there are at most 4 * search_k leaves (or <= 2 trees)
-_SCAN_BLOCK = 8192  # queries per block in scan mode (each probed leaf is read once per block)
+_SCAN_BLOCK = 4096  # queries per block in scan mode (each probed leaf is read once per block)
 _TAU_ITEMS = 20  # tau comes from the first leaves holding ~20 k items of each query
 
 
@@ -600,8 +600,12 @@ class HyperplaneForest:
             fs[c0:c1] = np.einsum(
                 "ij,ij->i", _search.rerank_matrix(a["vectors"], frows[c0:c1], scale, rbias), qop[fqq[c0:c1]]
             )
-        _ti, ts, tf = _search.topk_ragged(fqq, frows, fs, nq, k, self.n_trees)
-        kth = ts[:, k - 1]  # slack: the GEMM may round the same score differently than einsum
+        if self.n_trees == 1:  # distinct items: k-th best by a row-wise partition
+            kth, tf = _search.kth_best(fqq, fs, nq, k)
+        else:
+            _ti, ts, tf = _search.topk_ragged(fqq, frows, fs, nq, k, self.n_trees)
+            kth = ts[:, k - 1]
+        # slack: the GEMM may round the same score differently than einsum
         low = np.finfo(np.float32).min
         tau = np.where(tf >= k, kth - (np.abs(kth) * 1e-4 + 1e-6), low).astype(np.float32)
         # 3) grouped re-rank, pairs sorted by leaf; cells of dead / excluded items are blanked
@@ -716,7 +720,7 @@ class HyperplaneForest:
         or ``-1`` (int ids) and scores with ``-inf`` (dot, cosine) or ``+inf`` (euclidean).
         If the forest's candidates hold fewer than ``k`` eligible items while more exist, the query
         is retried with 4x ``search_k`` and finally answered exactly by brute force.
-        ``batch_size``: queries searched together (default 256, or 8192 in leaf-scan mode).
+        ``batch_size``: queries searched together (default 256, or 4096 in leaf-scan mode).
         """
         a = self._arrays()
         q = _as_matrix(queries, self.dim, "queries")

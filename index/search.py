@@ -197,7 +197,7 @@ def topk_distinct(
 # leaf's vectors are read once per block instead of once per query.
 
 LEAF_RADIUS_WEIGHT = np.float32(0.2)  # leaf score = q.c + 0.2 r (tuned at 200K / 1M, see BENCHMARKS)
-_SCAN_QUERIES = 256  # queries per centroid-scan product
+_SCAN_QUERIES = 64  # queries per centroid-scan product (a 7 MB score buffer at 28.6K leaves)
 _CELLS = 1 << 21  # (pair, slot) score cells per re-rank chunk (8 MB of float32)
 _STATS_CHUNK = 1 << 19  # floats per leaf-radius chunk (cache-sized temporaries)
 
@@ -274,56 +274,80 @@ def scan_leaves(
     than ``search_k`` items have been collected (like Annoy's ``search_k``). Output is sorted by
     query, then rank (0 = best leaf). The leaves above a per-query score threshold are found with
     a compare + ``nonzero`` (the threshold comes from a partition of a strided sample of the
-    scores), not with an ``argpartition`` over all leaves; queries whose threshold was too high
-    are redone exactly.
+    scores), not with an ``argpartition`` over all leaves; they are ranked with one row-wise
+    ``argsort`` of a padded ``(queries, ~1.5 needed leaves)`` matrix (SIMD sort, no global key
+    sort); queries whose threshold was too high are redone exactly.
+
+    For dot/cosine the bias is folded into the product (``[q, 1] @ [c, bias].T``: one pass over
+    the score buffer less).
     """
     nq = qr.shape[0]
     n_leaf = centroid.shape[0]
     need = search_k / max(mean_leaf, 1.0)
     step = 8 if n_leaf >= 64 * max(need, 1.0) else 1
-    out_q, out_l = [], []
+    out_q, out_l, out_r = [], [], []
     finite = np.isfinite(bias)
     n_finite = int(finite.sum())
+    if cent_sq is None:
+        cent_op = np.concatenate([centroid, bias[:, None]], axis=1)
+        q_op = np.concatenate([qr, np.ones((nq, 1), qr.dtype)], axis=1)
     buf = np.empty((min(nq, _SCAN_QUERIES), n_leaf), dtype=np.float32)
+    counts = np.asarray(leaf_count, dtype=np.int64)
     for a in range(0, nq, _SCAN_QUERIES):
         b = min(a + _SCAN_QUERIES, nq)
-        s = _leaf_scores(qr[a:b], centroid, bias, cent_sq, buf[: b - a])
+        nb = b - a
+        if cent_sq is None:
+            s = np.matmul(q_op[a:b], cent_op.T, out=buf[:nb])
+        else:
+            s = _leaf_scores(qr[a:b], centroid, bias, cent_sq, buf[:nb])
         sub = s[:, ::step]
         w = sub.shape[1]
         r = min(w - 1, int(1.5 * need / step) + 4)
         thr = np.partition(sub, w - 1 - r, axis=1)[:, w - 1 - r]
         thr = np.where(np.isfinite(thr), thr, np.float32(np.finfo(np.float32).min))
         idx = np.flatnonzero(s >= thr[:, None])
-        o = np.argsort(((idx // n_leaf).astype(np.uint64) << np.uint64(32)) | _desc_key(s.ravel()[idx]))
-        idx = idx[o]
         rows = idx // n_leaf
         cols = idx - rows * n_leaf
-        cnt = np.take(leaf_count, cols).astype(np.int64)
-        got_leaves = np.bincount(rows, minlength=b - a)
-        got_items = np.bincount(rows, weights=cnt, minlength=b - a)
-        short = (got_items < search_k) & (got_leaves < n_finite)
+        per_row = np.bincount(rows, minlength=nb)
+        width = max(int(per_row.max()), 1)
+        pos = np.arange(len(idx)) - (np.cumsum(per_row) - per_row)[rows]
+        neg = np.full((nb, width), np.inf, dtype=np.float32)  # padded -score, +inf = empty slot
+        neg[rows, pos] = -s.ravel()[idx]
+        lid = np.zeros((nb, width), dtype=np.int64)
+        lid[rows, pos] = cols
+        order = np.argsort(neg, axis=1)  # SIMD quicksort per row (deterministic)
+        lid = np.take_along_axis(lid, order, axis=1)
+        cnt = np.where(np.take_along_axis(neg, order, axis=1) < np.inf, np.take(counts, lid), 0)
+        cum = np.cumsum(cnt, axis=1)
+        keep = ((cum - cnt) < search_k) & (cnt > 0)
+        short = (cum[:, -1] < search_k) & (per_row < n_finite)
         if short.any():  # threshold too high for these queries: take their full sorted row
-            keep_rows = ~short[rows]
-            rows, cols = rows[keep_rows], cols[keep_rows]
+            keep[short] = False
             sq = np.flatnonzero(short)
-            order = np.argsort(-s[sq], axis=1, kind="stable")[:, :n_finite]
-            rows = np.concatenate([rows, np.repeat(sq, order.shape[1])])
-            cols = np.concatenate([cols, order.ravel()])
-            o = np.argsort(rows, kind="stable")
-            rows, cols = rows[o], cols[o]
-            cnt = np.take(leaf_count, cols).astype(np.int64)
-        cum = np.cumsum(cnt)
-        first = np.searchsorted(rows, np.arange(b - a))
-        base = np.concatenate([[0], cum])[first]
-        before = cum - cnt - base[rows]
-        keep = (before < search_k) & (cnt > 0)
-        out_q.append(rows[keep] + a)
-        out_l.append(cols[keep])
-    pq = np.concatenate(out_q) if out_q else np.zeros(0, np.int64)
-    pl = np.concatenate(out_l) if out_l else np.zeros(0, np.int64)
-    first = np.searchsorted(pq, np.arange(nq))
-    rank = np.arange(len(pq)) - first[pq]
-    return pq.astype(np.int64), pl.astype(np.int64), rank
+            full = np.argsort(-s[sq], axis=1, kind="stable")[:, :n_finite]
+            fc = np.take(counts, full)
+            fcum = np.cumsum(fc, axis=1)
+            fkeep = ((fcum - fc) < search_k) & (fc > 0)
+        kr, kc = np.nonzero(keep)
+        kl = lid[kr, kc]
+        if short.any():
+            fr, fcol = np.nonzero(fkeep)
+            kr = np.concatenate([kr, sq[fr]])
+            kc = np.concatenate([kc, fcol])
+            kl = np.concatenate([kl, full[fr, fcol]])
+            o = np.lexsort((kc, kr))
+            kr, kc, kl = kr[o], kc[o], kl[o]
+        out_q.append(kr + a)
+        out_l.append(kl)
+        out_r.append(kc)
+    if not out_q:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    return (
+        np.concatenate(out_q).astype(np.int64),
+        np.concatenate(out_l).astype(np.int64),
+        np.concatenate(out_r).astype(np.int64),
+    )
 
 
 def rerank_matrix(
@@ -412,10 +436,23 @@ def grouped_rerank(
 
 def _desc_key(scores: np.ndarray) -> np.ndarray:
     """uint64 keys whose ascending order is descending ``scores`` (float32 bit trick)."""
-    b = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    neg = (b >> np.uint64(31)).astype(bool)
-    asc = np.where(neg, ~b & np.uint64(0xFFFFFFFF), b | np.uint64(0x80000000))
-    return np.uint64(0xFFFFFFFF) - asc
+    b = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
+    flip = (b >> np.uint32(31)) * np.uint32(0x7FFFFFFF)  # negative: flip all bits, else the sign bit
+    flip |= np.uint32(0x80000000)
+    asc = b ^ flip
+    return np.invert(asc).astype(np.uint64)
+
+
+def kth_best(qidx: np.ndarray, scores: np.ndarray, nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k``-th best score per query of ragged ``(query, score)`` pairs sorted by query (distinct
+    items: one tree). Returns ``(kth (nq,), count (nq,))``; ``kth`` is ``-inf`` where ``count < k``.
+    One padded float32 matrix and a row-wise ``np.partition`` (no key sort of all pairs)."""
+    per = np.bincount(qidx, minlength=nq)
+    width = max(int(per.max()) if nq else 0, k)
+    col = np.arange(len(qidx)) - (np.cumsum(per) - per)[qidx]
+    m = np.full((nq, width), NEG_INF, dtype=np.float32)
+    m[qidx, col] = scores
+    return np.partition(m, width - k, axis=1)[:, width - k], per
 
 
 def topk_ragged(

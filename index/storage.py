@@ -45,8 +45,9 @@ def _paths(directory: Path, prefix: str) -> tuple[Path, dict[str, Path]]:
     return directory / f"{prefix}.json", {n: directory / f"{prefix}.{n}.npy" for n in ARRAY_NAMES}
 
 
-def save_arrays(directory: str | os.PathLike[str], prefix: str, arrays: dict[str, np.ndarray],
-                meta: dict[str, Any]) -> list[Path]:
+def save_arrays(
+    directory: str | os.PathLike[str], prefix: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> list[Path]:
     """Write ``arrays`` (keys = :data:`ARRAY_NAMES`) and ``meta``; return the written paths."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,12 @@ def save_arrays(directory: str | os.PathLike[str], prefix: str, arrays: dict[str
             os.fsync(fh.fileno())
         os.replace(tmp, paths[name])
         written.append(paths[name])
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
-            "arrays": {n: {"shape": list(arrays[n].shape), "dtype": str(arrays[n].dtype)} for n in ARRAY_NAMES}}
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "arrays": {n: {"shape": list(arrays[n].shape), "dtype": str(arrays[n].dtype)} for n in ARRAY_NAMES},
+    }
     tmp = meta_path.with_name(meta_path.name + ".tmp")
     tmp.write_text(json.dumps(full, indent=1, sort_keys=True))
     os.replace(tmp, meta_path)
@@ -72,8 +77,9 @@ def save_arrays(directory: str | os.PathLike[str], prefix: str, arrays: dict[str
     return written
 
 
-def load_arrays(directory: str | os.PathLike[str], prefix: str,
-                mmap: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_arrays(
+    directory: str | os.PathLike[str], prefix: str, mmap: bool
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read what :func:`save_arrays` wrote; arrays are ``np.memmap`` when ``mmap`` is true."""
     d = Path(directory)
     meta_path, paths = _paths(d, prefix)
@@ -84,8 +90,10 @@ def load_arrays(directory: str | os.PathLike[str], prefix: str,
     except json.JSONDecodeError as exc:
         raise StorageError(f"corrupt forest metadata {meta_path}: {exc}") from exc
     if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
-        raise StorageError(f"{meta_path} has format {meta.get('format')!r} version "
-                           f"{meta.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}")
+        raise StorageError(
+            f"{meta_path} has format {meta.get('format')!r} version "
+            f"{meta.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
     arrays = {}
     for name, path in paths.items():
         if meta["format_version"] == 1 and name in NEW_IN_V2:
@@ -98,7 +106,8 @@ def load_arrays(directory: str | os.PathLike[str], prefix: str,
             arr = np.load(path, allow_pickle=False)
         want = meta["arrays"][name]
         if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
-            raise StorageError(f"{path} has shape {arr.shape} dtype {arr.dtype}; metadata says "
-                               f"{tuple(want['shape'])} {want['dtype']}")
+            raise StorageError(
+                f"{path} has shape {arr.shape} dtype {arr.dtype}; metadata says {tuple(want['shape'])} {want['dtype']}"
+            )
         arrays[name] = arr
     return arrays, meta
