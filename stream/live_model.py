@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 POPULAR_KEPT = 1000
 #: Users whose training counts are kept decoded in memory (the stream's active users).
 TRAINING_CACHE_USERS = 100_000
+#: Cached users whose systems are updated and solved together (256 x 13 KB at k = 40: fits the CPU cache).
+FOLD_CHUNK_USERS = 256
 
 
 class UserChange(NamedTuple):
@@ -115,6 +117,16 @@ class LiveModel:
     def full_count(self, user: str, track: str, streamed: int) -> float:
         """One track's full count for a user: training streams (file-trained models) + `streamed`."""
         return self._training(user).get(track, 0.0) + float(streamed)
+
+    def change(
+        self, user: str, before: int, after: int, added: Mapping[str, int], counts: Mapping[str, int]
+    ) -> UserChange:
+        """The `UserChange` of a batch that added `added` {track: streams} to the user's streamed `counts`
+        (already updated): per track (streams added, full count after)."""
+        training = self._training(user)
+        if training:
+            return UserChange(before, after, {t: (n, training.get(t, 0.0) + counts[t]) for t, n in added.items()})
+        return UserChange(before, after, {t: (n, float(counts[t])) for t, n in added.items()})
 
     def _training(self, user: str) -> dict[str, float]:
         row = self.user_index.get(user)
@@ -201,31 +213,72 @@ class LiveModel:
                     slots.append(slot)
                 else:
                     rebuild.append(user)
-            if incremental:  # gathered copies: an invalidation meanwhile cannot change them under us
-                index = np.asarray(slots, dtype=np.int64)
-                S_inc, b_inc, known_inc = self._S[index], self._b[index], self._known[index]
-        groups: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[set[str]]]] = []
-        if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
-            groups.append((rebuild, *self._build_systems({u: counts[u] for u in rebuild})))
-        if incremental:
-            dS, db, has_known, news = self._update_systems(incremental, changes)
-            S_inc += dS
-            b_inc += db
-            groups.append((incremental, S_inc, b_inc, known_inc | has_known, news))
         gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
         out: dict[str, np.ndarray] = {}
-        for users, S, b, known, news in groups:
+        # The cached users first: their slots are read chunk by chunk, and only `_remember` below (this
+        # thread) hands slots to other users (never to a user of this call, and never after an invalidation).
+        if incremental:
+            self._fold_incremental(incremental, slots, changes, generation, gram_reg, out)
+        if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
+            S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
             if changes:
-                self._remember(users, S, b, known, news, changes, generation)
-            solvable = np.flatnonzero(known)
-            if not len(solvable):
-                continue
-            if len(solvable) < len(users):
-                S, b = S[solvable], b[solvable]
-            S += gram_reg  # in place: the cache holds its own copy of what was remembered
-            solved = np.linalg.solve(S, b[:, :, None])[:, :, 0].astype(np.float32)
-            out.update(zip((users[i] for i in solvable), solved))
+                self._remember(rebuild, S, b, known, news, changes, generation)
+            self._solve(rebuild, S, b, known, gram_reg, out)
         return out
+
+    @staticmethod
+    def _solve(
+        users: list[str], S: np.ndarray, b: np.ndarray, known: np.ndarray, gram_reg: np.ndarray, out: dict
+    ) -> None:
+        """out[user] = (G + reg I + S_u)^-1 b_u for the users with any known track; S is overwritten."""
+        solvable = np.flatnonzero(known)
+        if not len(solvable):
+            return
+        if len(solvable) < len(users):
+            S, b = S[solvable], b[solvable]
+        S += gram_reg
+        solved = np.linalg.solve(S, b[:, :, None])[:, :, 0].astype(np.float32)
+        out.update(zip((users[i] for i in solvable), solved))
+
+    def _fold_incremental(
+        self,
+        users: list[str],
+        slots: list[int],
+        changes: Mapping[str, UserChange],
+        generation: int,
+        gram_reg: np.ndarray,
+        out: dict[str, np.ndarray],
+    ) -> None:
+        """Update the cached systems of `users` with their batch's plays and solve them, `FOLD_CHUNK_USERS`
+        at a time: each chunk's systems are gathered from their slots, updated, stored back (when no track
+        vector changed since `generation`) and solved while they are in the CPU cache, so no temporary
+        array is sized by the whole batch (those cost page faults and memory bandwidth)."""
+        order = sorted(range(len(users)), key=lambda i: len(changes[users[i]].added))  # similar degrees together
+        users = [users[i] for i in order]
+        slot_index = np.asarray(slots, dtype=np.int64)[order]
+        indptr, cols, s_w, b_w, vectors, news = self._changed_plays(users, changes)
+        after = np.fromiter((changes[u].after for u in users), dtype=np.int64, count=len(users))
+        for start in range(0, len(users), FOLD_CHUNK_USERS):
+            stop = min(len(users), start + FOLD_CHUNK_USERS)
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            sub = indptr[start : stop + 1] - lo
+            dS, db = assemble_rows(sub, np.arange(hi - lo), s_w[lo:hi], b_w[lo:hi], vectors[cols[lo:hi]])
+            index = slot_index[start:stop]
+            with self._lock:
+                S, b, known = self._S[index], self._b[index], self._known[index]
+            S += dS
+            b += db
+            known |= np.diff(sub) > 0
+            with self._lock:
+                if generation == self._generation:  # else: systems may hold an old vector; not cached
+                    self._S[index], self._b[index], self._known[index] = S, b, known
+                    self._offsets[index] = after[start:stop]
+                    slot_of = self._slot_of
+                    for i in range(start, stop):
+                        slot_of.move_to_end(users[i])
+                        for track in news[i]:
+                            self._track_users.setdefault(track, set()).add(users[i])
+            self._solve(users[start:stop], S, b, known, gram_reg, out)
 
     def cached_offset(self, user: str) -> int | None:
         """The state offset the user's cached system reflects (None when not cached)."""
@@ -256,10 +309,11 @@ class LiveModel:
         S, b = assemble_rows(np.asarray(indptr), np.asarray(cols, dtype=np.int64), w, 1.0 + w, vectors)
         return S, b, np.diff(indptr) > 0, news
 
-    def _update_systems(
+    def _changed_plays(
         self, users: list[str], changes: Mapping[str, UserChange]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
-        """dS, db (exact rank-one updates, batched), whether any known track was added, new non-model tracks."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """The batch's plays of known tracks as CSR rows per user: indptr, cols into vectors, the weights of
+        the exact updates (dS = sum s_w y y^T, db = sum b_w y), the tracks' vectors, new non-model tracks."""
         item_index = self.item_index
         rows_l, tracks_l, added_l, after_l = [], [], [], []
         news: list[set[str]] = []
@@ -289,8 +343,7 @@ class LiveModel:
         s_w = np.where(fresh_track, w_after, w_after - w_before)
         b_w = np.where(fresh_track, 1.0 + w_after, w_after - w_before)
         indptr = np.searchsorted(rows, np.arange(len(users) + 1))
-        dS, db = assemble_rows(indptr, cols, s_w, b_w, vectors)
-        return dS, db, np.diff(indptr) > 0, news
+        return indptr, cols, s_w, b_w, vectors, news
 
     def advance(self, user: str, before: int, after: int) -> None:
         """A batch moved the user's state offset without adding streams: the cached system stays valid."""

@@ -45,7 +45,7 @@ from stream.codec import (
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
-from stream.live_model import LiveModel, UserChange
+from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
@@ -369,11 +369,7 @@ class StreamWorker:
         logged (the counts are still written); a failed write raises (the batch is not acked)."""
         started = time.perf_counter()
         changes = {
-            user: UserChange(
-                before[user],
-                states[user].offset,
-                {t: (n, live.full_count(user, t, states[user].counts[t])) for t, n in new.items()},
-            )
+            user: live.change(user, before[user], states[user].offset, new, states[user].counts)
             for user, new in added.items()
         }
         full = _FullCounts(live, states)  # read in the thread: no batch is counted until this task is done

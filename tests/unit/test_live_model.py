@@ -188,3 +188,51 @@ def test_system_cache_is_lru_bounded_and_stays_exact(published):
         cached = [u for u in counts if live.cached_offset(u) is not None]
         assert len(cached) <= 2
         assert all(live.cached_offset(u) == offsets[u] for u in cached)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_incremental_fold_in_in_chunks_equals_a_rebuild(published, monkeypatch, chunk):
+    """Cached users are updated and solved a chunk at a time (sorted by batch degree): still exact, and
+    a user whose batch only played unknown tracks keeps its system."""
+    import stream.live_model as lm
+    from stream.live_model import UserChange
+
+    monkeypatch.setattr(lm, "FOLD_CHUNK_USERS", chunk)
+    store, _plays = published
+    live = LiveModel(store.load(), use_index=False)
+    fresh = LiveModel(store.load(), use_index=False)
+    rng = np.random.default_rng(7)
+    users = [f"u{i}" for i in range(7)]
+    counts = {u: {f"t{int(rng.integers(0, 30))}": 1.0} for u in users}
+    offsets = dict.fromkeys(users, 0)
+    live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in users})
+    for _step in range(4):
+        changes = {}
+        for i, user in enumerate(users):
+            added = {f"t{int(rng.integers(0, 30))}": int(rng.integers(1, 3)) for _ in range(i % 4)}
+            if i == 6:
+                added = {"not-known-yet": 1}
+            for track, n in added.items():
+                counts[user][track] = counts[user].get(track, 0.0) + n
+            changes[user] = UserChange(
+                offsets[user], offsets[user] + 1, {t: (n, counts[user][t]) for t, n in added.items()}
+            )
+            offsets[user] += 1
+        got = live.fold_in_users(counts, changes)
+        want = fresh.fold_in_users(counts)
+        assert set(got) == set(want)
+        for user in users:
+            np.testing.assert_allclose(got[user], want[user], rtol=1e-5, atol=1e-7)
+            assert live.cached_offset(user) == offsets[user]
+
+
+def test_change_carries_full_counts(published):
+    """`LiveModel.change`: streams added and the full count after (training + streamed) per track."""
+    store, _plays = published
+    live = LiveModel(store.load(), use_index=False)
+    user = next(iter(live.user_index))
+    counts = {"t1": 3, "zz-new": 1}
+    change = live.change(user, 4, 9, {"t1": 2, "zz-new": 1}, counts)
+    assert (change.before, change.after) == (4, 9)
+    assert change.added == {t: (n, live.full_count(user, t, counts[t])) for t, n in {"t1": 2, "zz-new": 1}.items()}
+    assert live.change("nobody", -1, 0, {"t1": 1}, {"t1": 1}).added == {"t1": (1, 1.0)}
