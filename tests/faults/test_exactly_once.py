@@ -61,7 +61,11 @@ def test_kill_9_during_a_replay_loses_and_duplicates_nothing(kafka_bootstrap, tm
             killed_at = time.monotonic()
             workers[name].kill()
             workers[name] = start(f"{name}{n}")  # the same worker comes back, state from the changelog
-            wait_for(lambda: both_ready(workers["a"], workers["b"]), 180, "both workers ready after a kill")
+            try:
+                wait_for(lambda: both_ready(workers["a"], workers["b"]), 180, "both workers ready after a kill")
+            except AssertionError as exc:  # keep what the workers said for a post-mortem
+                tails = "\n".join(f"--- worker {n} (port {w.port}):\n{w.tail(40)}" for n, w in workers.items())
+                raise AssertionError(f"{exc}\n{tails}") from None
             recoveries.append(time.monotonic() - killed_at)
         replay.wait(180)
         settle_s = wait_for_exact_counts(lambda: workers["a"], log.expected, 180)
