@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 from kafka import KafkaProducer
 
 from batch.als import AlsParams
 from batch.model_store import ModelStore
-from batch.plays import MIN_MS_PLAYED, PlayCounts
+from batch.plays import MIN_MS_PLAYED
 from batch.snapshot import snapshot_counts
 from batch.training import train_and_publish
 from stream.events import encode_play
 
 from ..integration.workers import WorkerProcess, wait_for
-from ..unit.synthetic import random_plays
+from ..unit.synthetic import random_plays, synthetic_counts
 
 N_MODEL_USERS, N_TRACKS = 300, 120
 PARTITIONS = 8
@@ -32,12 +31,14 @@ PARTITIONS = 8
 def publish_model(root: Path) -> ModelStore:
     """A store with one small model (synthetic users u0.., tracks t0..)."""
     store = ModelStore(root / "store")
-    plays = random_plays(N_MODEL_USERS, N_TRACKS, 0.08, seed=5)
-    counts = PlayCounts(
-        plays, np.array([f"u{i}" for i in range(N_MODEL_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
-    )
-    train_and_publish(counts, store, AlsParams(factors=8, iterations=4, seed=3), holdout=0, show_progress=False)
+    publish_version(store, plays_seed=5, params=AlsParams(factors=8, iterations=4, seed=3))
     return store
+
+
+def publish_version(store: ModelStore, plays_seed: int, params: AlsParams) -> str:
+    """Train on synthetic plays of the same users and tracks and publish to `store`; returns the version."""
+    counts = synthetic_counts(random_plays(N_MODEL_USERS, N_TRACKS, 0.08, seed=plays_seed))
+    return train_and_publish(counts, store, params, holdout=0, show_progress=False).version
 
 
 @dataclass

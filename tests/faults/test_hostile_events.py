@@ -9,11 +9,11 @@ import time
 from collections import Counter
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from stream.events import encode_play
 
-from ..integration.workers import WorkerProcess, wait_for
+from ..integration.workers import WorkerProcess, read_topic, wait_for
 from .harness import counts_over_http, difference, publish_model, unique_names
 from .hostile import KINDS, exotic_valid, hostile_records
 
@@ -31,26 +31,6 @@ def rss_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-def dead_letters(bootstrap: str, topic: str, expected: int, deadline_s: float) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        partitions = wait_for(lambda: consumer.partitions_for_topic(topic), 30, f"topic {topic}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records: list = []
-
-        def collect():
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-            return len(records) >= expected
-
-        wait_for(collect, deadline_s, f"{expected} dead letters", interval_s=0)
-        return records
-    finally:
-        consumer.close()
 
 
 def test_hostile_payloads_are_dead_lettered_and_valid_plays_counted(kafka_bootstrap, tmp_path):
@@ -80,7 +60,7 @@ def test_hostile_payloads_are_dead_lettered_and_valid_plays_counted(kafka_bootst
             producer.send(prefix + "plays", key=key, value=value)
         producer.flush()
 
-        records = dead_letters(kafka_bootstrap, prefix + "plays.dead-letter", N_HOSTILE, 180)
+        records = read_topic(kafka_bootstrap, prefix + "plays.dead-letter", N_HOSTILE, 180)
         assert len(records) == N_HOSTILE
         assert Counter((r.key, r.value) for r in records) == Counter((k, v) for k, v, _ in hostile)
         reasons = [dict(r.headers).get("reason", b"").decode() for r in records]

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from batch.als import AlsParams
-from batch.plays import PlayCounts
-from batch.training import train_and_publish
 
-from ..faults.harness import N_MODEL_USERS, N_TRACKS, publish_model, unique_names
-from ..unit.synthetic import random_plays
+from ..faults.harness import publish_model, publish_version, unique_names
 from .workers import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -70,15 +66,9 @@ def test_admin_routes(kafka_bootstrap, tmp_path):
         for version in ("../../etc/passwd", "/etc", "20990101T000000.000000Z-abcdef", 7):
             status, body = a.request("/admin/model/reload", "POST", json.dumps({"version": version}).encode(), AUTH)
             assert status == 404, (version, status, body)
-        plays = random_plays(N_MODEL_USERS, N_TRACKS, 0.08, seed=6)
-        counts = PlayCounts(
-            plays, np.array([f"u{i}" for i in range(N_MODEL_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
-        )
-        new = train_and_publish(
-            counts, store, AlsParams(factors=8, iterations=2, seed=4), holdout=0, show_progress=False
-        )
+        new = publish_version(store, plays_seed=6, params=AlsParams(factors=8, iterations=2, seed=4))
         status, body = a.request("/admin/model/reload", "POST", None, AUTH)
-        assert (status, body) == (200, {"version": new.version})
+        assert (status, body) == (200, {"version": new})
     finally:
         for worker in workers:
             worker.stop()

@@ -13,18 +13,17 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from batch.als import AlsParams
 from batch.model_store import ModelStore
-from batch.plays import PlayCounts
 from batch.training import train_and_publish
 from stream.announce import announce_model
 from stream.events import MAX_PAYLOAD_BYTES, encode_play
 from stream.live_model import LiveModel
 
-from ..unit.synthetic import random_plays
-from .workers import WorkerProcess, wait_for
+from ..unit.synthetic import random_plays, synthetic_counts
+from .workers import WorkerProcess, read_topic, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +46,7 @@ def env(kafka_bootstrap, tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     store = ModelStore(root / "store")
     plays = random_plays(N_USERS, N_TRACKS, 0.08, seed=11)
-    counts = PlayCounts(
-        plays, np.array([f"u{i}" for i in range(N_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
-    )
+    counts = synthetic_counts(plays)
     train_and_publish(counts, store, PARAMS, holdout=0, show_progress=False)
     prefix = f"it-{uuid.uuid4().hex[:8]}-"
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks="all")
@@ -132,18 +129,7 @@ def test_counts_dead_letters_and_fold_in(env):
     for user, counts in shared.expected.items():
         assert worker.get(f"/users/{user}/plays") == {"user": user, "plays": counts}
     # every malformed record is in the dead-letter topic, bytes intact, with a reason
-    consumer = KafkaConsumer(
-        env["prefix"] + "plays.dead-letter",
-        bootstrap_servers=env["bootstrap"],
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=15_000,
-    )
-    letters = []
-    for record in consumer:
-        letters.append(record)
-        if len(letters) >= n_bad:
-            break
-    consumer.close()
+    letters = read_topic(env["bootstrap"], env["prefix"] + "plays.dead-letter", n_bad, 30)
     assert len(letters) == n_bad
     assert {r.key for r in letters} == {b"bad%d" % i for i in range(n_bad)}  # one key per malformed record
     assert all(dict(r.headers).get("reason") for r in letters)
@@ -189,9 +175,7 @@ def test_model_hot_swap(env):
     worker, store = env["shared"].worker, env["store"]
     old = worker.get("/ready")["version"]
     plays = env["plays"]
-    counts = PlayCounts(
-        plays, np.array([f"u{i}" for i in range(N_USERS)]), np.array([f"t{i}" for i in range(N_TRACKS)])
-    )
+    counts = synthetic_counts(plays)
     report = train_and_publish(
         counts, store, AlsParams(factors=8, iterations=5, seed=3), holdout=0, show_progress=False
     )

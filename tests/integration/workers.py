@@ -36,6 +36,30 @@ def wait_for(condition: Callable[[], Any], deadline_s: float, what: str, interva
     raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what} (last: {last!r})")
 
 
+def read_topic(bootstrap: str, topic: str, expected: int, deadline_s: float) -> list:
+    """Records of `topic`, read from the start of every partition until at least `expected` arrived
+    (fails after `deadline_s`)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = wait_for(lambda: consumer.partitions_for_topic(topic), 30, f"topic {topic}")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list = []
+
+        def collect():
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+            return len(records) >= expected
+
+        wait_for(collect, deadline_s, f"{expected} records of {topic}", interval_s=0)
+        return records
+    finally:
+        consumer.close()
+
+
 class WorkerProcess:
     """One `playrec worker` subprocess with its own port and state directory."""
 

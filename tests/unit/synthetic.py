@@ -3,6 +3,8 @@
 import numpy as np
 import scipy.sparse as sp
 
+from batch.plays import PlayCounts
+
 
 def random_plays(n_users: int = 300, n_items: int = 200, density: float = 0.05, seed: int = 0) -> sp.csr_matrix:
     """Users x items CSR of heavy-tailed stream counts with power-law item popularity (float32)."""
@@ -16,3 +18,9 @@ def random_plays(n_users: int = 300, n_items: int = 200, density: float = 0.05, 
     plays.sum_duplicates()
     plays.sort_indices()
     return plays
+
+
+def synthetic_counts(plays: sp.csr_matrix) -> PlayCounts:
+    """`plays` as PlayCounts with users "u0", "u1", ... and tracks "t0", "t1", ..."""
+    n_users, n_tracks = plays.shape
+    return PlayCounts(plays, np.array([f"u{i}" for i in range(n_users)]), np.array([f"t{i}" for i in range(n_tracks)]))

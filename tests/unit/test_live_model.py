@@ -7,11 +7,10 @@ import scipy.sparse as sp
 from batch.als import AlsParams
 from batch.confidence import confidence_matrix
 from batch.model_store import ModelStore
-from batch.plays import PlayCounts
 from batch.training import train_and_publish
 from stream.live_model import LiveModel, UnknownTrackError
 
-from .synthetic import random_plays
+from .synthetic import random_plays, synthetic_counts
 from .test_als import reference_half_step
 
 PARAMS = AlsParams(factors=8, iterations=5, alpha=1.0, reg=0.1, seed=1)
@@ -20,7 +19,7 @@ PARAMS = AlsParams(factors=8, iterations=5, alpha=1.0, reg=0.1, seed=1)
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     plays = random_plays(200, 120, 0.06, seed=8)
-    counts = PlayCounts(plays, np.array([f"u{i}" for i in range(200)]), np.array([f"t{i}" for i in range(120)]))
+    counts = synthetic_counts(plays)
     store = ModelStore(tmp_path_factory.mktemp("store"))
     train_and_publish(counts, store, PARAMS, holdout=0, show_progress=False)
     return store, plays
