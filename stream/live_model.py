@@ -40,6 +40,44 @@ POPULAR_KEPT = 1000
 TRAINING_CACHE_USERS = 100_000
 #: Cached users whose systems are updated and solved together (256 x 13 KB at k = 40: fits the CPU cache).
 FOLD_CHUNK_USERS = 256
+#: Changes of the item Gram matrix (new or re-solved tracks) a cached inverse catches up with by rank-one
+#: updates; a user cached before more changes than this is rebuilt from their full counts instead.
+GRAM_LOG_MAX = 64
+#: Rank-one updates of one cached inverse before it is rebuilt from the user's full counts (bounds the
+#: rounding that Sherman-Morrison updates accumulate; each adds ~1e-16 x the system's condition number).
+REFRESH_UPDATES = 2000
+
+
+def _ragged_positions(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(start[i], start[i] + count[i])`` over ``i`` (int64)."""
+    count = np.asarray(count, dtype=np.int64)
+    ends = np.cumsum(count)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(np.asarray(start, dtype=np.int64) - (ends - count), count) + np.arange(total)
+
+
+def _rank_one_updates(
+    P: np.ndarray, sel: slice | np.ndarray, y: np.ndarray, weight: float | np.ndarray, scratch: np.ndarray
+) -> None:
+    """Sherman-Morrison, one rank-one change per selected matrix: ``P[i] <- (P[i]^-1 + w_i y_i y_i^T)^-1``.
+
+    P (n, k, k) float64 symmetric inverses, updated in place; ``sel`` a slice (a view, no copy) or row
+    indices; y (m, k) one vector per selected matrix; weight a scalar or (m,); scratch >= (m, k, k).
+    Exact for any weight that keeps the matrix positive definite (``1 + w y^T P y > 0``).
+    """
+    Ps = P[sel]
+    m = len(Ps)
+    if not m:
+        return
+    u = np.matmul(Ps, y[:, :, None])[:, :, 0]  # P y (P symmetric: also y^T P)
+    w = np.broadcast_to(np.asarray(weight, dtype=np.float64), (m,))
+    coef = w / (1.0 + w * np.einsum("nk,nk->n", y, u))
+    t = np.multiply(u[:, :, None], u[:, None, :], out=scratch[:m])
+    t *= coef[:, None, None]
+    if isinstance(sel, slice):
+        Ps -= t
+    else:
+        P[sel] = Ps - t
 
 
 class UserChange(NamedTuple):
@@ -87,19 +125,28 @@ class LiveModel:
         self.new_ids: list[str] = []
         self.new_index: dict[str, int] = {}
         self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
-        #: Normal-equation pieces S_u, b_u of recently active users (k x k float64 each: ~13 KB at k = 40),
-        #: one slot per user in arrays of `system_cache_users` slots (LRU beyond; allocated on first use),
-        #: so a batch updates and solves them with a few array operations instead of per-user Python.
+        #: The solved systems of recently active users: P_u = (G + reg I + S_u)^-1 and b_u (k x k float64:
+        #: ~13 KB at k = 40), one slot per user in arrays of `system_cache_users` slots (LRU beyond;
+        #: allocated on first use). A batch's new plays are rank-one changes of S_u, so P_u is updated by
+        #: Sherman-Morrison steps and x_u = P_u b_u, a few array operations per chunk of users instead of a
+        #: LAPACK solve per user (which costs ~10 us of per-matrix overhead at k = 40).
         self.system_cache_users = system_cache_users
         self._lock = threading.Lock()  # the fold-in thread caches; add_tracks (event loop) invalidates
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # user -> slot, least recently used first
-        self._S = np.zeros((0, self.k, self.k))
+        self._P = np.zeros((0, self.k, self.k))
         self._b = np.zeros((0, self.k))
         self._offsets = np.zeros(0, np.int64)  # the user's state offset the slot reflects
         self._known = np.zeros(0, bool)  # any known streamed track at all
+        self._gram_at = np.zeros(0, np.int64)  # Gram changes (`_gram_total`) the slot's P_u includes
+        self._updates = np.zeros(0, np.int64)  # rank-one updates since P_u was last inverted exactly
         self._free: list[int] = []
         self._track_users: dict[str, set[str]] = {}  # non-model track -> cached users counting it
         self._generation = 0  # bumped by add_tracks: systems solved across a change are not cached
+        #: G + reg I, replaced (never mutated) by add_tracks, and the last GRAM_LOG_MAX rank-one changes of
+        #: G as (weight +-1, vector) with their total count: cached inverses catch up with them.
+        self._gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
+        self._gram_log: list[tuple[float, np.ndarray]] = []
+        self._gram_total = 0
         source = (model.manifest.get("input") or {}).get("source")
         #: A model trained from the stream's own counts already holds them; one trained from a file
         #: does not, so a user's full counts are the model's training counts plus what streamed.
@@ -193,10 +240,11 @@ class LiveModel:
 
         Tracks unknown to this model (not yet folded in) are left out; a user without any known
         streamed track gets no vector (serve the popularity fallback). `changes` (from the stream)
-        name the plays a batch added per user: a user whose cached system `S_u, b_u` is at the
-        change's `before` offset is updated by those plays only (rank-one updates, exact) instead of
-        being rebuilt from all their counts; the result is the same solution. Only users named in
-        `changes` are cached (one caller at a time may pass `changes`: the stream's fold-in).
+        name the plays a batch added per user: a user whose cached system `P_u, b_u` is at the
+        change's `before` offset is updated by those plays only (Sherman-Morrison rank-one updates of
+        the inverse, exact up to rounding) instead of being rebuilt from all their counts; the result
+        is the same solution. Only users named in `changes` are cached (one caller at a time may pass
+        `changes`: the stream's fold-in).
         """
         changes = changes or {}
         incremental: list[str] = []
@@ -204,40 +252,57 @@ class LiveModel:
         rebuild: list[str] = []
         with self._lock:
             generation = self._generation
-            slot_of, offsets = self._slot_of, self._offsets
+            gram_reg, gram_total, gram_log = self._gram_reg, self._gram_total, list(self._gram_log)
+            slot_of, offsets, gram_at, updates = self._slot_of, self._offsets, self._gram_at, self._updates
             for user in counts:
                 change = changes.get(user)
                 slot = slot_of.get(user) if change is not None else None
-                if slot is not None and offsets[slot] == change.before:
+                if (
+                    slot is not None
+                    and offsets[slot] == change.before
+                    and gram_total - gram_at[slot] <= len(gram_log)
+                    and updates[slot] < REFRESH_UPDATES
+                ):
                     incremental.append(user)
                     slots.append(slot)
                 else:
                     rebuild.append(user)
-        gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
         out: dict[str, np.ndarray] = {}
         # The cached users first: their slots are read chunk by chunk, and only `_remember` below (this
         # thread) hands slots to other users (never to a user of this call, and never after an invalidation).
         if incremental:
-            self._fold_incremental(incremental, slots, changes, generation, gram_reg, out)
+            self._fold_incremental(incremental, slots, changes, generation, (gram_total, gram_log), out)
         if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
             S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
-            if changes:
-                self._remember(rebuild, S, b, known, news, changes, generation)
-            self._solve(rebuild, S, b, known, gram_reg, out)
+            S += gram_reg
+            if changes:  # cached: invert (the stream's users come back with a few plays each)
+                P = np.linalg.inv(S)
+                self._remember(rebuild, P, b, known, news, changes, generation, gram_total)
+                self._solve_inverse(rebuild, P, b, known, out)
+            else:
+                self._solve(rebuild, S, b, known, out)
         return out
 
     @staticmethod
-    def _solve(
-        users: list[str], S: np.ndarray, b: np.ndarray, known: np.ndarray, gram_reg: np.ndarray, out: dict
-    ) -> None:
-        """out[user] = (G + reg I + S_u)^-1 b_u for the users with any known track; S is overwritten."""
+    def _solve(users: list[str], A: np.ndarray, b: np.ndarray, known: np.ndarray, out: dict) -> None:
+        """out[user] = A_u^-1 b_u (A_u = G + reg I + S_u) for the users with any known track."""
         solvable = np.flatnonzero(known)
         if not len(solvable):
             return
         if len(solvable) < len(users):
-            S, b = S[solvable], b[solvable]
-        S += gram_reg
-        solved = np.linalg.solve(S, b[:, :, None])[:, :, 0].astype(np.float32)
+            A, b = A[solvable], b[solvable]
+        solved = np.linalg.solve(A, b[:, :, None])[:, :, 0].astype(np.float32)
+        out.update(zip((users[i] for i in solvable), solved))
+
+    @staticmethod
+    def _solve_inverse(users: list[str], P: np.ndarray, b: np.ndarray, known: np.ndarray, out: dict) -> None:
+        """out[user] = P_u b_u for the users with any known track (P_u the inverse of A_u)."""
+        solvable = np.flatnonzero(known)
+        if not len(solvable):
+            return
+        if len(solvable) < len(users):
+            P, b = P[solvable], b[solvable]
+        solved = np.matmul(P, b[:, :, None])[:, :, 0].astype(np.float32)
         out.update(zip((users[i] for i in solvable), solved))
 
     def _fold_incremental(
@@ -246,39 +311,63 @@ class LiveModel:
         slots: list[int],
         changes: Mapping[str, UserChange],
         generation: int,
-        gram_reg: np.ndarray,
+        gram: tuple[int, list[tuple[float, np.ndarray]]],
         out: dict[str, np.ndarray],
     ) -> None:
-        """Update the cached systems of `users` with their batch's plays and solve them, `FOLD_CHUNK_USERS`
-        at a time: each chunk's systems are gathered from their slots, updated, stored back (when no track
-        vector changed since `generation`) and solved while they are in the CPU cache, so no temporary
-        array is sized by the whole batch (those cost page faults and memory bandwidth)."""
-        order = sorted(range(len(users)), key=lambda i: len(changes[users[i]].added))  # similar degrees together
-        users = [users[i] for i in order]
-        slot_index = np.asarray(slots, dtype=np.int64)[order]
+        """Update the cached inverses of `users` with the Gram changes they missed (`gram`: total count and
+        the last changes) and their batch's plays, and solve them, `FOLD_CHUNK_USERS` at a time: each
+        chunk's systems are gathered from their slots, updated, stored back (when no track vector changed
+        since `generation`) and solved while they are in the CPU cache, so no temporary array is sized by
+        the whole batch (those cost page faults and memory bandwidth)."""
         indptr, cols, s_w, b_w, vectors, news = self._changed_plays(users, changes)
+        # users by ascending number of plays: in a chunk, those with more than p plays are a suffix
+        degree = np.diff(indptr)
+        order = np.argsort(degree, kind="stable")
+        users = [users[i] for i in order]
+        news = [news[i] for i in order]
+        degree = degree[order]
+        pos = _ragged_positions(indptr[:-1][order], degree)
+        cols, s_w, b_w = cols[pos], s_w[pos], b_w[pos]
+        indptr = np.concatenate([[0], np.cumsum(degree)])
+        y_all = np.asarray(vectors, dtype=np.float64)[cols]
+        slot_index = np.asarray(slots, dtype=np.int64)[order]
         after = np.fromiter((changes[u].after for u in users), dtype=np.int64, count=len(users))
+        gram_total, gram_log = gram
+        scratch = np.empty((min(FOLD_CHUNK_USERS, len(users)), self.k, self.k))
         for start in range(0, len(users), FOLD_CHUNK_USERS):
             stop = min(len(users), start + FOLD_CHUNK_USERS)
-            lo, hi = int(indptr[start]), int(indptr[stop])
-            sub = indptr[start : stop + 1] - lo
-            dS, db = assemble_rows(sub, np.arange(hi - lo), s_w[lo:hi], b_w[lo:hi], vectors[cols[lo:hi]])
             index = slot_index[start:stop]
             with self._lock:
-                S, b, known = self._S[index], self._b[index], self._known[index]
-            S += dS
-            b += db
-            known |= np.diff(sub) > 0
+                P, b, known = self._P[index], self._b[index], self._known[index]
+                missed = gram_total - self._gram_at[index]
+                updates = self._updates[index]
+            if missed.any():
+                for j, (weight, v) in enumerate(gram_log[len(gram_log) - int(missed.max()) :]):
+                    behind = np.flatnonzero(missed >= int(missed.max()) - j)  # users that miss change j
+                    _rank_one_updates(P, behind, np.broadcast_to(v, (len(behind), self.k)), weight, scratch)
+                updates = updates + missed
+            deg = degree[start:stop]
+            base = indptr[start:stop]
+            for p in range(int(deg[-1]) if len(deg) else 0):
+                first = int(np.searchsorted(deg, p, side="right"))  # users with more than p plays
+                rows = base[first:] + p
+                y = y_all[rows]
+                _rank_one_updates(P, slice(first, None), y, s_w[rows], scratch)
+                b[first:] += b_w[rows, None] * y
+            known |= deg > 0
+            updates = updates + deg
             with self._lock:
                 if generation == self._generation:  # else: systems may hold an old vector; not cached
-                    self._S[index], self._b[index], self._known[index] = S, b, known
+                    self._P[index], self._b[index], self._known[index] = P, b, known
                     self._offsets[index] = after[start:stop]
+                    self._gram_at[index] = gram_total
+                    self._updates[index] = updates
                     slot_of = self._slot_of
                     for i in range(start, stop):
                         slot_of.move_to_end(users[i])
                         for track in news[i]:
                             self._track_users.setdefault(track, set()).add(users[i])
-            self._solve(users[start:stop], S, b, known, gram_reg, out)
+            self._solve_inverse(users[start:stop], P, b, known, out)
 
     def cached_offset(self, user: str) -> int | None:
         """The state offset the user's cached system reflects (None when not cached)."""
@@ -360,12 +449,13 @@ class LiveModel:
     def _remember(
         self,
         users: list[str],
-        S: np.ndarray,
+        P: np.ndarray,
         b: np.ndarray,
         known: np.ndarray,
         news: list[set[str]],
         changes: Mapping[str, UserChange],
         generation: int,
+        gram_total: int,
     ) -> None:
         """Cache the systems of `users` (those named in `changes`) at their new offsets, LRU-bounded;
         index their non-model tracks for invalidation. Nothing is cached when a track vector changed
@@ -398,18 +488,21 @@ class LiveModel:
                 index = np.asarray(slots, dtype=np.int64)
                 if len(rows) < len(users):
                     pick = np.asarray(rows, dtype=np.int64)
-                    S, b, known = S[pick], b[pick], known[pick]
-                self._S[index] = S
+                    P, b, known = P[pick], b[pick], known[pick]
+                self._P[index] = P
                 self._b[index] = b
                 self._known[index] = known
+                self._gram_at[index] = gram_total
+                self._updates[index] = 0
 
     def _free_slot(self, current: Mapping[str, UserChange]) -> int | None:
         """A slot for one more user: a free one, or the least recently used user's."""
         if not self._free and not len(self._offsets) and self.system_cache_users > 0:
             # allocated once, uninitialised: the OS backs the pages as slots are first used
             n, k = self.system_cache_users, self.k
-            self._S, self._b = np.empty((n, k, k)), np.empty((n, k))
+            self._P, self._b = np.empty((n, k, k)), np.empty((n, k))
             self._offsets, self._known = np.full(n, -2, np.int64), np.zeros(n, bool)
+            self._gram_at, self._updates = np.zeros(n, np.int64), np.zeros(n, np.int64)
             self._free.extend(range(n - 1, -1, -1))
         if self._free:
             return self._free.pop()
@@ -445,25 +538,33 @@ class LiveModel:
                     slot = self._slot_of.pop(user, None)
                     if slot is not None:
                         self._free.append(slot)
-        gram = self.item_gram.copy()  # copy-on-write: a fold-in running in a thread keeps a consistent gram
-        for track, vector in vectors.items():
-            if track in self.item_index:
-                continue  # the model knows it; the batch solution wins
-            v = np.asarray(vector, dtype=np.float32).reshape(self.k)
-            v64 = v.astype(np.float64)
-            if track in self.new_index:
-                old = self.new_vectors[self.new_index[track]].astype(np.float64)
-                gram -= np.outer(old, old)
-                self._new_vectors[self.new_index[track]] = v
-            else:
-                if len(self.new_ids) == len(self._new_vectors):
-                    self._new_vectors = np.concatenate([self._new_vectors, np.zeros_like(self._new_vectors)])
-                self.new_index[track] = len(self.new_ids)
-                self.new_ids.append(track)
-                self._new_vectors[self.new_index[track]] = v
-                fresh.append(track)
-            gram += np.outer(v64, v64)
-        self.item_gram = gram
+            # copy-on-write: a fold-in running in a thread keeps a consistent gram
+            gram = self.item_gram.copy()
+            changed: list[tuple[float, np.ndarray]] = []
+            for track, vector in vectors.items():
+                if track in self.item_index:
+                    continue  # the model knows it; the batch solution wins
+                v = np.asarray(vector, dtype=np.float32).reshape(self.k)
+                v64 = v.astype(np.float64)
+                if track in self.new_index:
+                    old = self.new_vectors[self.new_index[track]].astype(np.float64)
+                    gram -= np.outer(old, old)
+                    changed.append((-1.0, old))
+                    self._new_vectors[self.new_index[track]] = v
+                else:
+                    if len(self.new_ids) == len(self._new_vectors):
+                        self._new_vectors = np.concatenate([self._new_vectors, np.zeros_like(self._new_vectors)])
+                    self.new_index[track] = len(self.new_ids)
+                    self.new_ids.append(track)
+                    self._new_vectors[self.new_index[track]] = v
+                    fresh.append(track)
+                gram += np.outer(v64, v64)
+                changed.append((1.0, v64))
+            self.item_gram = gram
+            self._gram_reg = gram + self.params.reg * np.eye(self.k)
+            # cached inverses catch up with the last GRAM_LOG_MAX changes; older ones are rebuilt
+            self._gram_log = (self._gram_log + changed)[-GRAM_LOG_MAX:]
+            self._gram_total += len(changed)
         updated = [t for t in vectors if t in self.new_index and t not in self.taken_down]
         for index in (self.dot_index, self.cosine_index):
             if index is None or not updated:

@@ -235,3 +235,93 @@ def test_change_carries_full_counts(published):
     assert (change.before, change.after) == (4, 9)
     assert change.added == {t: (n, live.full_count(user, t, counts[t])) for t, n in {"t1": 2, "zz-new": 1}.items()}
     assert live.change("nobody", -1, 0, {"t1": 1}, {"t1": 1}).added == {"t1": (1, 1.0)}
+
+
+def _play_batch(rng, users, counts, offsets, n_tracks=40, most=3):
+    """One batch of 0..most plays of known tracks per user: updates counts/offsets, returns the changes."""
+    from stream.live_model import UserChange
+
+    changes = {}
+    for user in users:
+        added: dict[str, int] = {}
+        for _ in range(int(rng.integers(0, most + 1))):
+            track = f"t{int(rng.integers(0, n_tracks))}"
+            added[track] = added.get(track, 0) + int(rng.integers(1, 3))
+        for track, n in added.items():
+            counts[user][track] = counts[user].get(track, 0.0) + n
+        full = {t: (n, counts[user][t]) for t, n in added.items()}
+        changes[user] = UserChange(offsets[user], offsets[user] + 1, full)
+        offsets[user] += 1
+    return changes
+
+
+def _count_rebuilds(live, monkeypatch):
+    calls = []
+    original = live._build_systems
+
+    def counting(counts):
+        calls.append(sorted(counts))
+        return original(counts)
+
+    monkeypatch.setattr(live, "_build_systems", counting)
+    return calls
+
+
+@pytest.mark.parametrize("log_max", [64, 2])
+def test_cached_inverses_catch_up_with_gram_changes(published, monkeypatch, log_max):
+    """New and re-solved tracks change G for every user: cached inverses apply the missed changes (or,
+    past GRAM_LOG_MAX of them, are rebuilt from full counts) and stay equal to a from-scratch solve."""
+    import stream.live_model as lm
+    from stream.live_model import UserChange
+
+    monkeypatch.setattr(lm, "GRAM_LOG_MAX", log_max)
+    store, _plays = published
+    live, fresh = LiveModel(store.load(), use_index=False), LiveModel(store.load(), use_index=False)
+    rng = np.random.default_rng(11)
+    users = [f"u{i}" for i in range(6)]
+    counts = {u: {f"t{i}": 2.0} for i, u in enumerate(users)}
+    offsets = dict.fromkeys(users, 0)
+    live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in users})
+    rebuilds = _count_rebuilds(live, monkeypatch)
+    new = {f"n{j}": rng.standard_normal(live.k).astype(np.float32) for j in range(3)}
+    for model in (live, fresh):
+        model.add_tracks(new)  # 3 changes: within a log of 64, beyond a log of 2
+        model.add_tracks({"n0": new["n0"] * 0.5})  # re-solved: -old old^T + new new^T
+    changes = _play_batch(rng, users, counts, offsets)
+    got, want = live.fold_in_users(counts, changes), fresh.fold_in_users(counts)
+    for user in users:
+        np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
+        assert live.cached_offset(user) == offsets[user]
+    assert rebuilds == ([] if log_max == 64 else [users])
+    # caught up: the next batch is incremental again and exact
+    changes = _play_batch(rng, users, counts, offsets)
+    got, want = live.fold_in_users(counts, changes), fresh.fold_in_users(counts)
+    for user in users:
+        np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
+    assert len(rebuilds) == (0 if log_max == 64 else 1)
+
+
+def test_long_runs_of_rank_one_updates_stay_exact(published, monkeypatch):
+    """Hundreds of Sherman-Morrison updates per cached inverse: still a from-scratch solve to 1e-6;
+    past REFRESH_UPDATES a user is rebuilt from full counts (rounding never accumulates unbounded)."""
+    import stream.live_model as lm
+    from stream.live_model import UserChange
+
+    monkeypatch.setattr(lm, "REFRESH_UPDATES", 150)
+    store, _plays = published
+    live, fresh = LiveModel(store.load(), use_index=False), LiveModel(store.load(), use_index=False)
+    rng = np.random.default_rng(5)
+    users = [f"u{i}" for i in range(5)]
+    counts = {u: {"t1": 1.0} for u in users}
+    offsets = dict.fromkeys(users, 0)
+    live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in users})
+    rebuilds = _count_rebuilds(live, monkeypatch)
+    for step in range(120):
+        changes = _play_batch(rng, users, counts, offsets, n_tracks=120, most=4)
+        got = live.fold_in_users(counts, changes)
+        if step % 20 == 19:
+            want = fresh.fold_in_users(counts)
+            for user in users:
+                np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
+    assert rebuilds, "no user reached REFRESH_UPDATES"
+    assert all(live._updates[live._slot_of[u]] < 150 for u in users)
