@@ -39,7 +39,10 @@ Semantics (see docs/STREAM-INGEST.md):
   the commit replays the batch; handlers that must be idempotent keep a per-key source offset.
 * A handler exception crashes the app (records stay unacked and are re-delivered).
 * Backpressure: the handler runs inline in the drain loop, so fetching/decoding stops while a
-  batch is processed; memory is one batch plus aiokafka's prefetch.  After each batch the loop
+  batch is processed; memory is one batch plus aiokafka's prefetch.  With ``ready`` (a callable
+  that says whether the handler can take a batch without waiting, e.g. its previous completion
+  finished), a due batch keeps growing up to ``max_batch`` while the handler is busy, so records
+  are fetched and converted in parallel with the previous batch's completion.  After each batch the loop
   waits for the producer buffer to ebb (changelog writes).
 * Rebalance/stop: buffered-but-unprocessed records are dropped (never acked, so re-delivered to
   the next owner), the batch in flight (shielded from cancellation) is awaited, and its offsets
@@ -73,6 +76,9 @@ log = logging.getLogger("playrec.stream.ingest")
 BatchHandler = Callable[[list[Message]], Awaitable[Awaitable[Any] | None]]
 
 _SINKS_ATTR = "_playrec_batch_ingest"
+
+#: seconds between checks of a busy handler's ``ready()`` while a due batch waits for it
+READY_POLL_S = 0.005
 
 
 def _sinks(app: AppT) -> dict[str, BatchIngest]:
@@ -115,6 +121,7 @@ class BatchIngest:
         *,
         max_batch: int = 10_000,
         max_latency_s: float = 0.05,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch < 1 or max_latency_s < 0:
             raise ValueError("max_batch must be >= 1 and max_latency_s >= 0")
@@ -123,6 +130,7 @@ class BatchIngest:
         self.handler = handler
         self.max_batch = max_batch
         self.max_latency_s = max_latency_s
+        self.ready = ready
         self.buffer: list[Message] = []
         self.first_at = 0.0  # monotonic time the oldest buffered record arrived
         self.batches = 0
@@ -138,10 +146,21 @@ class BatchIngest:
         sinks[topic_name] = self
 
     def due(self, now: float) -> bool:
-        return len(self.buffer) >= self.max_batch or (bool(self.buffer) and now - self.first_at >= self.max_latency_s)
+        """Flush now: the buffer is full, or its oldest record waited ``max_latency_s`` and the
+        handler is ready (a busy handler lets the batch grow: records are fetched and converted while
+        it works, and the next batch holds everything that arrived meanwhile)."""
+        if len(self.buffer) >= self.max_batch:
+            return True
+        if not self.buffer or now - self.first_at < self.max_latency_s:
+            return False
+        return self.ready is None or self.ready()
 
     def remaining_s(self, now: float) -> float:
-        return max(0.0, self.first_at + self.max_latency_s - now) if self.buffer else 1.0
+        """Longest wait for new records before :meth:`due` must be checked again."""
+        if not self.buffer:
+            return 1.0
+        left = self.first_at + self.max_latency_s - now
+        return left if left > 0 else READY_POLL_S
 
 
 def _install_consumer_class(app: AppT) -> None:

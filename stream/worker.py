@@ -116,7 +116,12 @@ class StreamWorker:
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)
         self.track_plays = app.topic(topics.track_plays, partitions=P, **raw)
         self.plays_ingest = BatchIngest(
-            app, topics.plays, self.on_plays, max_batch=settings.max_batch, max_latency_s=settings.max_latency_s
+            app,
+            topics.plays,
+            self.on_plays,
+            max_batch=settings.max_batch,
+            max_latency_s=settings.max_latency_s,
+            ready=self.plays_ready,
         )
         self.track_ingest = BatchIngest(
             app, topics.track_plays, self.on_track_plays, max_batch=5000, max_latency_s=settings.max_latency_s
@@ -327,6 +332,10 @@ class StreamWorker:
         # (counts, offset and the new vector) and the batch is acked (one batch in flight).
         self._fold_task = asyncio.ensure_future(self._fold_in(live, states, added, before, partitions))
         return self._fold_task
+
+    def plays_ready(self) -> bool:
+        """Whether `on_plays` can take a batch without waiting (the previous fold-in and write are done)."""
+        return self._fold_task is None or self._fold_task.done()
 
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the fold-in in flight before partitions move: its rows must reach the changelog before
