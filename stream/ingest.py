@@ -19,7 +19,7 @@ Usage (before the worker starts, i.e. at app-module import time)::
     app = faust.App("playrec", broker=..., topic_partitions=8)
     counts = app.Table("counts", default=dict)
 
-    async def handle(batch: list[Message]) -> None:       # ConsumerMessage objects
+    async def handle(batch: list[ConsumerRecord]) -> None:  # aiokafka records
         for msg in batch:
             with source_partition(app, msg):                # table writes -> msg.partition
                 counts[msg.key.decode()] = ...
@@ -70,10 +70,11 @@ __all__ = ["BatchHandler", "BatchIngest", "BatchingConsumerMixin", "source_parti
 
 log = logging.getLogger("playrec.stream.ingest")
 
-#: ``async def handler(batch)``; ``batch`` holds faust ``ConsumerMessage`` objects (``.key`` and
-#: ``.value`` raw bytes, ``.partition``, ``.offset``, ``.timestamp`` in seconds, ``.tp``), in
-#: offset order per partition.  It returns None (ack now) or an awaitable completion (ack when done).
-BatchHandler = Callable[[list[Message]], Awaitable[Awaitable[Any] | None]]
+#: ``async def handler(batch)``; ``batch`` holds aiokafka ``ConsumerRecord`` objects (``.key`` and
+#: ``.value`` raw bytes, ``.topic``, ``.partition``, ``.offset``, ``.timestamp`` in milliseconds,
+#: ``.headers``), in offset order per partition, all of one consumer generation.  It returns None
+#: (ack now) or an awaitable completion (ack when done).
+BatchHandler = Callable[[list[Any]], Awaitable[Awaitable[Any] | None]]
 
 _SINKS_ATTR = "_playrec_batch_ingest"
 
@@ -131,7 +132,8 @@ class BatchIngest:
         self.max_batch = max_batch
         self.max_latency_s = max_latency_s
         self.ready = ready
-        self.buffer: list[Message] = []
+        self.buffer: list[Any] = []  # aiokafka ConsumerRecord objects
+        self.generation: int | None = None  # consumer generation the buffered records were fetched in
         self.first_at = 0.0  # monotonic time the oldest buffered record arrived
         self.batches = 0
         self.events = 0
@@ -178,8 +180,11 @@ def _install_consumer_class(app: AppT) -> None:
 class BatchingConsumerMixin:
     """Mixed in front of the transport's ``Consumer``; replaces ``_drain_messages``.
 
-    The loop below is faust 0.15.3's ``Consumer._drain_messages`` (transport/consumer.py) with the
-    per-record ``wait_first`` replaced by a list append for ingest topics.
+    The loop below is faust 0.15.3's ``Consumer._drain_messages`` + ``Consumer.getmany``
+    (transport/consumer.py) over whole fetch results: records of ingest topics are appended to their
+    sink's buffer a partition's run at a time, as the aiokafka records they are (faust's per-record
+    ``ConsumerMessage``, generator step, high-water lookup and ``wait_first`` cost ~10 us a record);
+    other topics keep faust's per-record path.
     """
 
     _ingest_inflight: asyncio.Task[None] | None = None
@@ -193,57 +198,25 @@ class BatchingConsumerMixin:
         if not sinks:
             await super()._drain_messages(fetcher)  # type: ignore[misc]
             return
-        callback = me.callback
-        getmany = me.getmany
         consumer_should_stop = me._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
-        get_read_offset = me._read_offset.__getitem__
-        set_read_offset = me._read_offset.__setitem__
         set_flag, unset_flag = me.diag.set_flag, me.diag.unset_flag
-        commit_every = me._commit_every
-        acks_enabled_for = me.app.topics.acks_enabled_for
-        get_sink = sinks.get
         monotonic = time.monotonic
-        yield_every, num_since_yield = 100, 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
                 now = monotonic()
                 timeout = min([1.0, *(s.remaining_s(now) for s in sinks.values())])
-                ait = getmany(timeout=timeout)
-                await me.sleep(0)
-                if not me.should_stop:
-                    async for tp, message in ait:
-                        num_since_yield += 1
-                        if num_since_yield > yield_every:
-                            await asyncio.sleep(0)
-                            num_since_yield = 0
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is not None and offset < r_offset:
-                            continue  # already delivered (faust drops these too)
-                        gap = offset - (r_offset or 0)
-                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                            await me._add_gap(tp, r_offset + 1, offset)
-                        sink = get_sink(tp.topic)
-                        if sink is not None:
-                            if self._ingest_suspended:
-                                continue  # rebalance/stop in progress: re-delivered later
-                            buffer = sink.buffer
-                            if not buffer:
-                                sink.first_at = monotonic()
-                            buffer.append(message)
-                            set_read_offset(tp, offset)
-                            if len(buffer) >= sink.max_batch:
-                                await self._ingest_flush(sink)
-                            continue
-                        # any other topic: faust's own per-record path, unchanged
-                        if commit_every is not None and me._n_acked >= commit_every:
-                            me._n_acked = 0
-                            await me.commit()
-                        await me.wait_first(callback(message), me.suspend_flow.wait())
-                        set_read_offset(tp, offset)
-                    unset_flag(CONSUMER_FETCHING)
+                records, active = await me._wait_next_records(timeout)
+                if records and not me.should_stop:
+                    if me.flow_active:
+                        await self._ingest_records(records, active, sinks)
+                    else:  # what faust's getmany does when the flow stopped
+                        try:
+                            await me.perform_seek()
+                        except Exception as exc:
+                            log.warning("exception performing seek when flow not active %r", exc)
+                unset_flag(CONSUMER_FETCHING)
                 now = monotonic()
                 for sink in sinks.values():
                     if sink.due(now):
@@ -264,17 +237,97 @@ class BatchingConsumerMixin:
         finally:
             unset_flag(CONSUMER_FETCHING)
 
+    async def _ingest_records(self, records: Any, active: set[TP] | None, sinks: dict[str, BatchIngest]) -> None:
+        """One fetch result (``{tp: [aiokafka ConsumerRecord, ...]}``): records of ingest topics are appended
+        to their sink's buffer a partition's run at a time (no per-record message object or generator
+        step); any other topic's records take faust's per-record path. The checks are faust's
+        ``Consumer.getmany`` ones: partitions not active (paused for recovery) are skipped, and a new
+        consumer generation or a stopped flow ends the fetch result (re-fetched from the read offsets)."""
+        me = cast(Any, self)
+        generation = me.app.consumer_generation_id
+        buffered = me._buffered_partitions
+        get_read_offset = me._read_offset.__getitem__
+        set_read_offset = me._read_offset.__setitem__
+        for tp, recs in records.items():
+            if me.app.consumer_generation_id != generation or not me.flow_active:
+                return
+            if not recs or (active is not None and tp not in active and tp not in buffered):
+                continue
+            me.app.monitor.track_tp_end_offset(tp, me.highwater(tp))
+            sink = sinks.get(tp.topic)
+            if sink is None:
+                await self._faust_records(tp, recs, generation)
+                continue
+            if self._ingest_suspended:
+                continue  # rebalance/stop in progress: re-delivered later
+            r_offset = get_read_offset(tp)
+            first = 0
+            if r_offset is not None:
+                while first < len(recs) and recs[first].offset < r_offset:
+                    first += 1  # already delivered (faust drops these too)
+            if first == len(recs):
+                continue
+            if me.app.topics.acks_enabled_for(tp.topic):
+                await self._register_gaps(tp, recs, first, r_offset)
+            if sink.buffer and sink.generation != generation:
+                sink.buffer = []  # an older generation's records: never handled nor acked (re-delivered)
+            sink.generation = generation
+            while first < len(recs):
+                buffer = sink.buffer
+                if not buffer:
+                    sink.first_at = time.monotonic()
+                take = min(len(recs) - first, sink.max_batch - len(buffer))
+                buffer.extend(recs[first : first + take])
+                first += take
+                set_read_offset(tp, buffer[-1].offset)
+                if len(buffer) >= sink.max_batch:
+                    await self._ingest_flush(sink)
+                    if me.app.consumer_generation_id != generation or self._ingest_suspended:
+                        return
+            await asyncio.sleep(0)  # let requests and completions run between partitions
+
+    async def _register_gaps(self, tp: TP, recs: Sequence[Any], first: int, r_offset: int | None) -> None:
+        """Offsets missing between delivered records (compaction, transaction markers) are faust "gaps",
+        so that commits can move past them; consecutive offsets (the common case) are one comparison."""
+        me = cast(Any, self)
+        start = recs[first].offset
+        if r_offset and start - r_offset > 1:
+            await me._add_gap(tp, r_offset + 1, start)
+        if recs[-1].offset - start == len(recs) - 1 - first:
+            return
+        prev = start
+        for rec in recs[first + 1 :]:
+            if rec.offset - prev > 1:
+                await me._add_gap(tp, prev + 1, rec.offset)
+            prev = rec.offset
+
+    async def _faust_records(self, tp: TP, recs: Sequence[Any], generation: int) -> None:
+        """faust's own per-record path for a topic without a sink (changelogs during recovery, agents)."""
+        me = cast(Any, self)
+        get_read_offset = me._read_offset.__getitem__
+        for record in recs:
+            if not me.flow_active or me.app.consumer_generation_id != generation:
+                return
+            offset = record.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is not None and offset < r_offset:
+                continue
+            if offset - (r_offset or 0) > 1 and r_offset and me.app.topics.acks_enabled_for(tp.topic):
+                await me._add_gap(tp, r_offset + 1, offset)
+            commit_every = me._commit_every
+            if commit_every is not None and me._n_acked >= commit_every:
+                me._n_acked = 0
+                await me.commit()
+            await me.wait_first(me.callback(me._to_message(tp, record)), me.suspend_flow.wait())
+            me._read_offset[tp] = offset
+
     async def _ingest_flush(self, sink: BatchIngest) -> None:
         me = cast(Any, self)
         batch, sink.buffer = sink.buffer, []
         generation = me.app.consumer_generation_id
-        if self._ingest_suspended:
-            return
-        if batch[0].generation_id != generation or batch[-1].generation_id != generation:
-            batch = [m for m in batch if m.generation_id == generation]
-            if not batch:
-                return
-        task = asyncio.ensure_future(self._ingest_run(sink, batch))
+        if self._ingest_suspended or not batch or sink.generation != generation:
+            return  # records of an older consumer generation are never handled nor acked
+        task = asyncio.ensure_future(self._ingest_run(sink, batch, generation))
         self._ingest_inflight = task
         # Shielded: if the fetcher task is cancelled (shutdown), the batch still finishes and is
         # acked, so a graceful stop never leaves half a batch in the changelog uncommitted.
@@ -284,7 +337,7 @@ class BatchingConsumerMixin:
             me._n_acked = 0
             await me.commit()
 
-    async def _ingest_run(self, sink: BatchIngest, batch: list[Message]) -> None:
+    async def _ingest_run(self, sink: BatchIngest, batch: list[Any], generation: int) -> None:
         me = cast(Any, self)
         started = time.monotonic()
         try:
@@ -296,11 +349,13 @@ class BatchingConsumerMixin:
             raise
         previous = self._ingest_pending
         if completion is None and (previous is None or previous.done()):
-            self._ingest_ack(batch)
+            self._ingest_ack(sink.topic_name, batch, generation)
             sink.batches += 1
             sink.events += len(batch)
         else:  # ack when the completion (and every earlier one) has finished: acks stay in batch order
-            self._ingest_pending = asyncio.ensure_future(self._ingest_complete(sink, batch, completion, previous))
+            self._ingest_pending = asyncio.ensure_future(
+                self._ingest_complete(sink, batch, generation, completion, previous)
+            )
         handled = time.monotonic()
         # changelog writes went to the producer buffer: wait for it like the conductor does
         await me.app.producer.buffer.wait_until_ebb()
@@ -316,7 +371,8 @@ class BatchingConsumerMixin:
     async def _ingest_complete(
         self,
         sink: BatchIngest,
-        batch: list[Message],
+        batch: list[Any],
+        generation: int,
         completion: Awaitable[Any] | None,
         previous: asyncio.Task[bool] | None,
     ) -> bool:
@@ -332,21 +388,21 @@ class BatchingConsumerMixin:
                 self._ingest_suspended = True
                 await me.app.crash(exc)
                 return False
-        self._ingest_ack(batch)
+        self._ingest_ack(sink.topic_name, batch, generation)
         sink.batches += 1
         sink.events += len(batch)
         return True
 
-    def _ingest_ack(self, batch: Sequence[Message]) -> None:
-        """Record acks for ``batch`` in bulk (what ``Consumer.ack`` does per message)."""
+    def _ingest_ack(self, topic: str, batch: Sequence[Any], generation: int) -> None:
+        """Record acks for ``batch`` (records of ``topic`` fetched in consumer ``generation``) in bulk
+        (what ``Consumer.ack`` does per message); nothing when the generation changed since."""
         me = cast(Any, self)
-        generation = me.app.consumer_generation_id
-        by_tp: dict[TP, list[int]] = {}
-        for m in batch:
-            if m.generation_id == generation:
-                by_tp.setdefault(m.tp, []).append(m.offset)
-        if not by_tp:
+        if generation != me.app.consumer_generation_id or not batch:
             return
+        by_partition: dict[int, list[int]] = {}
+        for m in batch:
+            by_partition.setdefault(m.partition, []).append(m.offset)
+        by_tp = {TP(topic, p): offsets for p, offsets in by_partition.items()}
         assignment = me.assignment()
         now = time.monotonic()
         inbound = me.app.monitor.stream_inbound_time
