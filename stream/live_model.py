@@ -43,6 +43,9 @@ FOLD_CHUNK_USERS = 256
 #: Changes of the item Gram matrix (new or re-solved tracks) a cached inverse catches up with by rank-one
 #: updates; a user cached before more changes than this is rebuilt from their full counts instead.
 GRAM_LOG_MAX = 64
+#: Rebuilt users with at most this many known tracks get their inverse from (G + reg I)^-1 by Sherman-Morrison
+#: steps (a few us each, vectorised over users) instead of a LAPACK inverse (~28 us per user at k = 40).
+SM_BUILD_TRACKS = 24
 #: Rank-one updates of one cached inverse before it is rebuilt from the user's full counts (bounds the
 #: rounding that Sherman-Morrison updates accumulate; each adds ~1e-16 x the system's condition number).
 REFRESH_UPDATES = 2000
@@ -72,12 +75,32 @@ def _rank_one_updates(
     u = np.matmul(Ps, y[:, :, None])[:, :, 0]  # P y (P symmetric: also y^T P)
     w = np.broadcast_to(np.asarray(weight, dtype=np.float64), (m,))
     coef = w / (1.0 + w * np.einsum("nk,nk->n", y, u))
-    t = np.multiply(u[:, :, None], u[:, None, :], out=scratch[:m])
-    t *= coef[:, None, None]
+    t = np.multiply((u * coef[:, None])[:, :, None], u[:, None, :], out=scratch[:m])  # one pass over (m, k, k)
     if isinstance(sel, slice):
         Ps -= t
     else:
         P[sel] = Ps - t
+
+
+def _apply_plays(
+    P: np.ndarray,
+    b: np.ndarray,
+    degree: np.ndarray,
+    start: np.ndarray,
+    y: np.ndarray,
+    s_w: np.ndarray,
+    b_w: np.ndarray,
+    scratch: np.ndarray,
+) -> None:
+    """Add plays to m users' inverses P (m, k, k) and b (m, k), in place: user i (sorted by ascending
+    ``degree``) has plays ``start[i] .. start[i] + degree[i] - 1`` (rows of y (nnz, k) float64 and of the
+    weights: A_u += s_w y y^T, b_u += b_w y). Step p updates the suffix of users with more than p plays."""
+    for p in range(int(degree[-1]) if len(degree) else 0):
+        first = int(np.searchsorted(degree, p, side="right"))  # users with more than p plays
+        rows = start[first:] + p
+        yp = y[rows]
+        _rank_one_updates(P, slice(first, None), yp, s_w[rows], scratch)
+        b[first:] += b_w[rows, None] * yp
 
 
 class UserChange(NamedTuple):
@@ -147,6 +170,7 @@ class LiveModel:
         self._gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
         self._gram_log: list[tuple[float, np.ndarray]] = []
         self._gram_total = 0
+        self._base_inv: tuple[int, np.ndarray] | None = None  # (gram_total, (G + reg I)^-1)
         source = (model.manifest.get("input") or {}).get("source")
         #: A model trained from the stream's own counts already holds them; one trained from a file
         #: does not, so a user's full counts are the model's training counts plus what streamed.
@@ -273,13 +297,13 @@ class LiveModel:
         if incremental:
             self._fold_incremental(incremental, slots, changes, generation, (gram_total, gram_log), out)
         if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
-            S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
-            S += gram_reg
-            if changes:  # cached: invert (the stream's users come back with a few plays each)
-                P = np.linalg.inv(S)
+            if changes:  # cached: inverses (the stream's users come back with a few plays each)
+                P, b, known, news = self._build_inverses({u: counts[u] for u in rebuild}, gram_reg, gram_total)
                 self._remember(rebuild, P, b, known, news, changes, generation, gram_total)
                 self._solve_inverse(rebuild, P, b, known, out)
             else:
+                S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
+                S += gram_reg
                 self._solve(rebuild, S, b, known, out)
         return out
 
@@ -347,13 +371,7 @@ class LiveModel:
                     _rank_one_updates(P, behind, np.broadcast_to(v, (len(behind), self.k)), weight, scratch)
                 updates = updates + missed
             deg = degree[start:stop]
-            base = indptr[start:stop]
-            for p in range(int(deg[-1]) if len(deg) else 0):
-                first = int(np.searchsorted(deg, p, side="right"))  # users with more than p plays
-                rows = base[first:] + p
-                y = y_all[rows]
-                _rank_one_updates(P, slice(first, None), y, s_w[rows], scratch)
-                b[first:] += b_w[rows, None] * y
+            _apply_plays(P, b, deg, indptr[start:stop], y_all, s_w, b_w, scratch)
             known |= deg > 0
             updates = updates + deg
             with self._lock:
@@ -380,10 +398,11 @@ class LiveModel:
             np.float64
         )
 
-    def _build_systems(
+    def _full_plays(
         self, counts: Mapping[str, Mapping[str, float]]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
-        """S (n, k, k), b (n, k), known (n,) and non-model tracks from every streamed track of each user."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """Every streamed known track of each user as CSR rows: indptr (n + 1,), cols (nnz,) into vectors
+        (n_tracks, k), confidence - 1 per play (nnz,) float64, and each user's non-model tracks."""
         tracks, vectors = self._gather(t for per_user in counts.values() for t, c in per_user.items() if c > 0)
         column = {t: j for j, t in enumerate(tracks)}
         item_index = self.item_index
@@ -395,8 +414,53 @@ class LiveModel:
             indptr.append(len(cols))
             news.append({t for t in per_user if t not in item_index})
         w = self._confidence(np.asarray(data, dtype=np.float64))
-        S, b = assemble_rows(np.asarray(indptr), np.asarray(cols, dtype=np.int64), w, 1.0 + w, vectors)
+        return np.asarray(indptr, dtype=np.int64), np.asarray(cols, dtype=np.int64), w, vectors, news
+
+    def _build_systems(
+        self, counts: Mapping[str, Mapping[str, float]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """S (n, k, k), b (n, k), known (n,) and non-model tracks from every streamed track of each user."""
+        indptr, cols, w, vectors, news = self._full_plays(counts)
+        S, b = assemble_rows(indptr, cols, w, 1.0 + w, vectors)
         return S, b, np.diff(indptr) > 0, news
+
+    def _build_inverses(
+        self, counts: Mapping[str, Mapping[str, float]], gram_reg: np.ndarray, gram_total: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
+        """P (n, k, k) = (G + reg I + S_u)^-1, b (n, k), known (n,) and non-model tracks of each user, from
+        every streamed track: users with at most SM_BUILD_TRACKS tracks by rank-one updates of
+        (G + reg I)^-1, the others by assembling S_u and inverting."""
+        indptr, cols, w, vectors, news = self._full_plays(counts)
+        n, k = len(indptr) - 1, self.k
+        degree = np.diff(indptr)
+        P, b = np.empty((n, k, k)), np.zeros((n, k))
+        many = np.flatnonzero(degree > SM_BUILD_TRACKS)
+        if len(many):
+            pos = _ragged_positions(indptr[:-1][many], degree[many])
+            sub = np.concatenate([[0], np.cumsum(degree[many])])
+            S, b[many] = assemble_rows(sub, cols[pos], w[pos], 1.0 + w[pos], vectors)
+            S += gram_reg
+            P[many] = np.linalg.inv(S)
+        few = np.flatnonzero(degree <= SM_BUILD_TRACKS)
+        if len(few):
+            few = few[np.argsort(degree[few], kind="stable")]
+            base = self._base_inverse(gram_reg, gram_total)
+            y = np.asarray(vectors, dtype=np.float64)[cols] if len(cols) else np.zeros((0, k))
+            scratch = np.empty((min(FOLD_CHUNK_USERS, len(few)), k, k))
+            for start in range(0, len(few), FOLD_CHUNK_USERS):
+                idx = few[start : start + FOLD_CHUNK_USERS]
+                Pc = np.repeat(base[None], len(idx), axis=0)
+                bc = np.zeros((len(idx), k))
+                _apply_plays(Pc, bc, degree[idx], indptr[idx], y, w, 1.0 + w, scratch)
+                P[idx], b[idx] = Pc, bc
+        return P, b, degree > 0, news
+
+    def _base_inverse(self, gram_reg: np.ndarray, gram_total: int) -> np.ndarray:
+        """(G + reg I)^-1 for the Gram matrix after `gram_total` changes (cached per change count)."""
+        cached = self._base_inv
+        if cached is None or cached[0] != gram_total:
+            cached = self._base_inv = (gram_total, np.linalg.inv(gram_reg))
+        return cached[1]
 
     def _changed_plays(
         self, users: list[str], changes: Mapping[str, UserChange]

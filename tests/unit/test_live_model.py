@@ -256,14 +256,15 @@ def _play_batch(rng, users, counts, offsets, n_tracks=40, most=3):
 
 
 def _count_rebuilds(live, monkeypatch):
+    """Users rebuilt from full counts, per call (both rebuild paths read them through `_full_plays`)."""
     calls = []
-    original = live._build_systems
+    original = live._full_plays
 
     def counting(counts):
         calls.append(sorted(counts))
         return original(counts)
 
-    monkeypatch.setattr(live, "_build_systems", counting)
+    monkeypatch.setattr(live, "_full_plays", counting)
     return calls
 
 
@@ -325,3 +326,29 @@ def test_long_runs_of_rank_one_updates_stay_exact(published, monkeypatch):
                 np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
     assert rebuilds, "no user reached REFRESH_UPDATES"
     assert all(live._updates[live._slot_of[u]] < 150 for u in users)
+
+
+@pytest.mark.parametrize("build_tracks", [0, 3, 24])
+def test_rebuilt_inverses_by_rank_one_steps_equal_a_solve(published, monkeypatch, build_tracks):
+    """A rebuilt user's cached inverse comes from (G + reg I)^-1 by rank-one steps (few tracks) or from an
+    assembled, inverted system (many): both give the from-scratch solution, now and after more plays."""
+    import stream.live_model as lm
+    from stream.live_model import UserChange
+
+    monkeypatch.setattr(lm, "SM_BUILD_TRACKS", build_tracks)
+    store, plays = published
+    live, fresh = LiveModel(store.load(), use_index=False), LiveModel(store.load(), use_index=False)
+    rows = [int(r) for r in np.flatnonzero(np.diff(plays.indptr) > 0)[:12]]
+    counts = {f"u{r}": user_counts(plays, r) for r in rows} | {"ghost": {"t-new": 2.0}, "empty": {}}
+    got = live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in counts})
+    want = fresh.fold_in_users(counts)
+    assert set(got) == set(want) == {f"u{r}" for r in rows}
+    for user in want:
+        np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
+        assert live.cached_offset(user) == 0
+    rng = np.random.default_rng(2)
+    offsets = dict.fromkeys(counts, 0)
+    changes = _play_batch(rng, list(counts), counts, offsets, n_tracks=120)
+    got, want = live.fold_in_users(counts, changes), fresh.fold_in_users(counts)
+    for user in want:
+        np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
