@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -258,7 +258,10 @@ class LiveModel:
 
     # -- fold-in -----------------------------------------------------------------------------
     def fold_in_users(
-        self, counts: Mapping[str, Mapping[str, float]], changes: Mapping[str, UserChange] | None = None
+        self,
+        counts: Mapping[str, Mapping[str, float]],
+        changes: Mapping[str, UserChange] | None = None,
+        on_solved: Callable[[dict[str, np.ndarray]], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Exact user half-step for many users at once from their FULL counts {user: {track: streams}}.
 
@@ -268,7 +271,9 @@ class LiveModel:
         change's `before` offset is updated by those plays only (Sherman-Morrison rank-one updates of
         the inverse, exact up to rounding) instead of being rebuilt from all their counts; the result
         is the same solution. Only users named in `changes` are cached (one caller at a time may pass
-        `changes`: the stream's fold-in).
+        `changes`: the stream's fold-in). `on_solved`, if given, is called (in this thread) with each
+        group of solutions as soon as it is solved: the users rebuilt from full counts first (users new to
+        the stream, who have no vector yet), then each chunk of cached users.
         """
         changes = changes or {}
         incremental: list[str] = []
@@ -289,45 +294,50 @@ class LiveModel:
                 ):
                     incremental.append(user)
                     slots.append(slot)
+                    slot_of.move_to_end(user)  # in use: `_remember` below never evicts it
                 else:
                     rebuild.append(user)
         out: dict[str, np.ndarray] = {}
-        # The cached users first: their slots are read chunk by chunk, and only `_remember` below (this
-        # thread) hands slots to other users (never to a user of this call, and never after an invalidation).
-        if incremental:
-            self._fold_incremental(incremental, slots, changes, generation, (gram_total, gram_log), out)
+        # The rebuilt users first (new users have no vector at all yet). `_remember` hands them free or
+        # least recently used slots, never one of this call's users (those are in `changes`), so the cached
+        # users' slots read chunk by chunk below stay theirs.
         if rebuild:  # a lazy `counts` mapping is only evaluated for the users rebuilt
             if changes:  # cached: inverses (the stream's users come back with a few plays each)
                 P, b, known, news = self._build_inverses({u: counts[u] for u in rebuild}, gram_reg, gram_total)
                 self._remember(rebuild, P, b, known, news, changes, generation, gram_total)
-                self._solve_inverse(rebuild, P, b, known, out)
+                solved = self._solve_inverse(rebuild, P, b, known)
             else:
                 S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
                 S += gram_reg
-                self._solve(rebuild, S, b, known, out)
+                solved = self._solve(rebuild, S, b, known)
+            out.update(solved)
+            if on_solved is not None and solved:
+                on_solved(solved)
+        if incremental:
+            self._fold_incremental(incremental, slots, changes, generation, (gram_total, gram_log), out, on_solved)
         return out
 
     @staticmethod
-    def _solve(users: list[str], A: np.ndarray, b: np.ndarray, known: np.ndarray, out: dict) -> None:
-        """out[user] = A_u^-1 b_u (A_u = G + reg I + S_u) for the users with any known track."""
+    def _solve(users: list[str], A: np.ndarray, b: np.ndarray, known: np.ndarray) -> dict[str, np.ndarray]:
+        """{user: A_u^-1 b_u} (A_u = G + reg I + S_u) for the users with any known track."""
         solvable = np.flatnonzero(known)
         if not len(solvable):
-            return
+            return {}
         if len(solvable) < len(users):
             A, b = A[solvable], b[solvable]
         solved = np.linalg.solve(A, b[:, :, None])[:, :, 0].astype(np.float32)
-        out.update(zip((users[i] for i in solvable), solved))
+        return dict(zip((users[i] for i in solvable), solved))
 
     @staticmethod
-    def _solve_inverse(users: list[str], P: np.ndarray, b: np.ndarray, known: np.ndarray, out: dict) -> None:
-        """out[user] = P_u b_u for the users with any known track (P_u the inverse of A_u)."""
+    def _solve_inverse(users: list[str], P: np.ndarray, b: np.ndarray, known: np.ndarray) -> dict[str, np.ndarray]:
+        """{user: P_u b_u} for the users with any known track (P_u the inverse of A_u)."""
         solvable = np.flatnonzero(known)
         if not len(solvable):
-            return
+            return {}
         if len(solvable) < len(users):
             P, b = P[solvable], b[solvable]
         solved = np.matmul(P, b[:, :, None])[:, :, 0].astype(np.float32)
-        out.update(zip((users[i] for i in solvable), solved))
+        return dict(zip((users[i] for i in solvable), solved))
 
     def _fold_incremental(
         self,
@@ -337,6 +347,7 @@ class LiveModel:
         generation: int,
         gram: tuple[int, list[tuple[float, np.ndarray]]],
         out: dict[str, np.ndarray],
+        on_solved: Callable[[dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         """Update the cached inverses of `users` with the Gram changes they missed (`gram`: total count and
         the last changes) and their batch's plays, and solve them, `FOLD_CHUNK_USERS` at a time: each
@@ -385,7 +396,10 @@ class LiveModel:
                         slot_of.move_to_end(users[i])
                         for track in news[i]:
                             self._track_users.setdefault(track, set()).add(users[i])
-            self._solve_inverse(users[start:stop], P, b, known, out)
+            solved = self._solve_inverse(users[start:stop], P, b, known)
+            out.update(solved)
+            if on_solved is not None and solved:
+                on_solved(solved)
 
     def cached_offset(self, user: str) -> int | None:
         """The state offset the user's cached system reflects (None when not cached)."""

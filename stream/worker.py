@@ -382,8 +382,29 @@ class StreamWorker:
             for user, new in added.items()
         }
         full = _FullCounts(live, states)  # read in the thread: no batch is counted until this task is done
+        loop = asyncio.get_running_loop()
+        replaced: dict[str, np.ndarray | None] = {}  # user -> vector before this fold-in, once published
+
+        def publish(solved: dict[str, np.ndarray]) -> None:
+            """On the event loop, as each group is solved: recommendations reflect the plays from here on
+            (the rows reach the changelog below, before the batch is acked)."""
+            if self.live is not live:
+                return  # swapped meanwhile: the re-fold decides (below)
+            for user, vector in solved.items():
+                current = self._states.get(user)
+                if current is None:
+                    continue
+                if user not in replaced:
+                    replaced[user] = (
+                        current.vector if current.version == live.version else live.model_user_vector(user)
+                    )
+                self._states[user] = current._replace(version=live.version, vector=vector)
+
+        def on_solved(solved: dict[str, np.ndarray]) -> None:  # fold-in thread
+            loop.call_soon_threadsafe(publish, solved)
+
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(None, live.fold_in_users, full, changes)
+            vectors = await loop.run_in_executor(None, live.fold_in_users, full, changes, on_solved)
         except Exception:
             log.exception("fold-in of a micro-batch failed; its users are folded in again on their next plays")
             vectors = {}
@@ -394,7 +415,10 @@ class StreamWorker:
             current = self._states.get(user, state)
             newer = swapped and current.vector is not None and current.version != live.version  # re-folded
             if vector is not None and not newer:
-                old = current.vector if current.version == live.version else live.model_user_vector(user)
+                if user in replaced:
+                    old = replaced[user]
+                else:
+                    old = current.vector if current.version == live.version else live.model_user_vector(user)
                 olds.append(np.zeros(live.k, np.float32) if old is None else old)
                 news.append(vector)
                 current = current._replace(version=live.version, vector=vector)

@@ -352,3 +352,30 @@ def test_rebuilt_inverses_by_rank_one_steps_equal_a_solve(published, monkeypatch
     got, want = live.fold_in_users(counts, changes), fresh.fold_in_users(counts)
     for user in want:
         np.testing.assert_allclose(got[user], want[user], rtol=1e-6, atol=1e-8)
+
+
+def test_on_solved_reports_rebuilt_users_first_then_each_chunk(published, monkeypatch):
+    """`on_solved` sees every solution once, as soon as its group is solved: rebuilt (new) users first."""
+    import stream.live_model as lm
+    from stream.live_model import UserChange
+
+    monkeypatch.setattr(lm, "FOLD_CHUNK_USERS", 2)
+    store, _plays = published
+    live = LiveModel(store.load(), use_index=False)
+    rng = np.random.default_rng(3)
+    cached = [f"c{i}" for i in range(5)]
+    counts = {u: {f"t{i}": 1.0} for i, u in enumerate(cached)}
+    offsets = dict.fromkeys(cached, 0)
+    live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in cached})
+    changes = _play_batch(rng, cached, counts, offsets)
+    for user in ("new-1", "new-2"):
+        counts[user] = {"t3": 2.0}
+        changes[user] = UserChange(-1, 0, {"t3": (2, 2.0)})
+    groups: list[dict] = []
+    out = live.fold_in_users(counts, changes, on_solved=groups.append)
+    assert set(groups[0]) == {"new-1", "new-2"}
+    assert all(len(g) <= 2 for g in groups[1:])
+    merged = {u: v for g in groups for u, v in g.items()}
+    assert sum(len(g) for g in groups) == len(merged) == len(out)
+    for user, vector in out.items():
+        np.testing.assert_array_equal(merged[user], vector)
