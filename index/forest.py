@@ -834,7 +834,7 @@ class HyperplaneForest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], prefix: str = "forest", mmap: bool = True) -> HyperplaneForest:
-        """Open a saved forest; with ``mmap`` the arrays are read-only ``np.memmap`` views.
+        """Open a saved forest; with ``mmap`` the arrays are read-only views of memory-mapped files.
 
         ``add``/``remove`` on a memory-mapped forest first copy the arrays into memory.
         """

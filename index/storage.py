@@ -80,7 +80,8 @@ def save_arrays(
 def load_arrays(
     directory: str | os.PathLike[str], prefix: str, mmap: bool
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read what :func:`save_arrays` wrote; arrays are ``np.memmap`` when ``mmap`` is true."""
+    """Read what :func:`save_arrays` wrote; with ``mmap`` the arrays are read-only ndarray views of
+    memory-mapped files (``arr.base`` is the ``np.memmap``)."""
     d = Path(directory)
     meta_path, paths = _paths(d, prefix)
     if not meta_path.is_file():
@@ -101,7 +102,9 @@ def load_arrays(
         if not path.is_file():
             raise StorageError(f"forest array file missing: {path}")
         try:
-            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            # a plain ndarray view of the mapping: np.memmap's subclass hooks cost a Python call per
+            # slice or take (~2 us), which small queries make hundreds of times
+            arr = np.asarray(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
         except ValueError:  # empty arrays cannot be memory-mapped
             arr = np.load(path, allow_pickle=False)
         want = meta["arrays"][name]

@@ -206,8 +206,8 @@ def test_save_load_mmap_round_trip(tmp_path) -> None:
     assert {p.suffix for p in paths} == {".npy", ".json"}
     before = {p.name: p.read_bytes() for p in paths}
     g = HyperplaneForest.load(tmp_path, prefix="forest", mmap=True)
-    assert isinstance(g._arrays()["vectors"], np.memmap)
-    assert isinstance(g._arrays()["leaf_items"], np.memmap)
+    assert isinstance(g._arrays()["vectors"].base, np.memmap)
+    assert isinstance(g._arrays()["leaf_items"].base, np.memmap)
     ids, s = g.query_batch(q, k=10, search_k=800)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(s, want_s)

@@ -105,7 +105,7 @@ def test_scan_save_load_and_version1_files(tmp_path) -> None:
     want_ids, want_s = f.query_batch(q, k=10, search_k=600)
     f.save(tmp_path, prefix="forest")
     g = HyperplaneForest.load(tmp_path, prefix="forest", mmap=True)
-    assert g.search_mode == "scan" and isinstance(g._arrays()["leaf_centroid"], np.memmap)
+    assert g.search_mode == "scan" and isinstance(g._arrays()["leaf_centroid"].base, np.memmap)
     ids, s = g.query_batch(q, k=10, search_k=600)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(s, want_s)
