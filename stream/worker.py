@@ -45,7 +45,7 @@ from stream.codec import (
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
-from stream.live_model import LiveModel
+from stream.live_model import LiveModel, UserChange
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
@@ -59,6 +59,9 @@ REFOLD_BATCH = 2000
 #: Decoded user-state rows kept in memory (the cache is dropped, and refilled lazily from the table's
 #: store, when it grows past this, on partition revocation and when the consumer generation changes).
 STATE_CACHE_USERS = 500_000
+#: Events counted but not yet folded in and written after which counting waits for the running fold-in
+#: (bounds the batches held unacked; fold-ins merge whatever was counted while the previous one ran).
+MAX_UNFOLDED_EVENTS = 200_000
 
 
 class StreamWorker:
@@ -72,9 +75,16 @@ class StreamWorker:
         self.live: LiveModel | None = None
         self.track_vectors: dict[str, np.ndarray] = {}
         self.partitioner = KeyPartitioner(settings.partitions)
-        self._fold_task: asyncio.Future | None = None
-        #: user -> decoded row, ahead of the table's store only by the batch whose fold-in is in flight
-        #: (its rows are written when the fold-in finishes, before the batch is acked).
+        self._fold_task: asyncio.Future | None = None  # the fold-in (solve + write) running, if any
+        #: users counted since the last fold-in started, the completion of their batches, their events
+        self._pending: dict[str, _Pending] = {}
+        self._pending_done: asyncio.Future | None = None
+        self._unfolded_events = 0
+        #: users whose counts dicts the running fold-in reads (counting copies them before a change)
+        self._frozen: set[str] = set()
+        self._replaced: dict[str, np.ndarray | None] = {}  # user -> vector before the running fold-in
+        #: user -> decoded row, ahead of the table's store by the users counted but not yet written
+        #: (rows are written when their fold-in finishes, before their batches are acked).
         self._states: dict[str, UserState] = {}
         self._states_generation: int | None = None
         self._swap_lock = asyncio.Lock()
@@ -250,21 +260,27 @@ class StreamWorker:
             state = self._states[user] = unpack_user(self.users.get(user.encode()))
         return state
 
-    def _check_state_cache(self) -> None:
-        """Drop the decoded rows after a rebalance (the store was recovered) or when the cache is full."""
+    async def _check_state_cache(self) -> None:
+        """Drop the decoded rows after a rebalance (the store was recovered) or when the cache is full;
+        rows counted but not yet written are written first (the store does not have them yet)."""
         generation = self.app.consumer_generation_id
         if generation != self._states_generation or len(self._states) > STATE_CACHE_USERS:
+            await self.drain_fold_ins()
             self._states.clear()
             self._states_generation = generation
 
     async def on_plays(self, batch: list[Any]) -> asyncio.Future | None:
-        """One micro-batch of `plays` records: validate, count streams per user, fold in, write once.
+        """One micro-batch of `plays` records: validate and count streams per user at once; the fold-in
+        and the changelog write of the counted users follow in the background.
 
         Counting is idempotent: each user's state records the offset of the last record applied
         (a user's records all live in one partition), so a batch re-delivered after a crash between
-        the table write and the offset commit is not counted twice. Returns the batch's completion
-        (fold-in, then one changelog write per changed user): BatchIngest acks the batch when it is done,
-        so counts are durable before their offsets are committed.
+        the table write and the offset commit is not counted twice. Counting never waits for a
+        fold-in: the users counted since the last fold-in started are *pending*; when no fold-in runs,
+        one starts with all of them (so fold-ins merge the batches counted while the previous one ran,
+        and hot users are solved once per fold-in, not once per batch). Returns the completion of the
+        fold-in that takes this batch's users (then one changelog write per user): BatchIngest acks
+        the batch when it is done, so counts are durable before their offsets are committed.
         """
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -289,16 +305,13 @@ class StreamWorker:
                 continue
             events[event.user].append((message.offset, event.track, event.ms_played))
             partitions[event.user] = message.partition
-        # The previous batch's fold-in and write finish first: its thread reads the rows counted below,
-        # and rows reach the changelog in batch order.
-        await self.wait_fold_in(raise_errors=True)
-        self._check_state_cache()
-        states: dict[str, UserState] = {}
-        added: dict[str, dict[str, int]] = {}
-        before: dict[str, int] = {}
+        if self._unfolded_events >= MAX_UNFOLDED_EVENTS:  # fold-ins fell behind: wait for the one running
+            await self._wait_fold_task()
+        await self._check_state_cache()
         applied = streams = 0
-        live = self.live
         cached = self._cached_state
+        frozen = self._frozen
+        pending = self._pending
         for user, plays in events.items():
             state = cached(user)
             offset = state.offset
@@ -306,56 +319,68 @@ class StreamWorker:
             if not fresh:
                 continue  # re-delivered after a crash: already counted
             applied += len(fresh)
-            new: dict[str, int] = {}
-            counts = state.counts  # the cached row's dict, updated in place
+            counts = state.counts  # the cached row's dict, updated in place ...
+            if user in frozen:  # ... unless the running fold-in reads it: copy on write (once)
+                counts = dict(counts)
+                frozen.discard(user)
+            entry = pending.get(user)
+            if entry is None:
+                entry = pending[user] = _Pending(offset, {}, partitions[user])
+            added = entry.added
             for _, track, ms_played in fresh:
                 if ms_played >= MIN_MS_PLAYED:
-                    new[track] = new.get(track, 0) + 1
+                    added[track] = added.get(track, 0) + 1
                     counts[track] = counts.get(track, 0) + 1
-            streams += sum(new.values())
-            before[user] = offset
-            states[user] = self._states[user] = state._replace(offset=fresh[-1][0])
-            if new:
-                added[user] = new
-            elif live is not None:
-                live.advance(user, offset, fresh[-1][0])
+                    streams += 1
+            self._states[user] = state._replace(counts=counts, offset=fresh[-1][0])
         self.metrics.events.inc(applied)
         self.metrics.streams.inc(streams)
         self.metrics.batch_events.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        if not states:
+        if not pending:
             return None
-        if not added or live is None:  # nothing to fold in: write the counts now
-            await self.user_writer.write([(u.encode(), pack_user(st), partitions[u]) for u, st in states.items()])
-            return None
-        # Fold-in runs in a thread while the next batch is decoded; then every changed row is written once
-        # (counts, offset and the new vector) and the batch is acked (one batch in flight).
-        self._fold_task = asyncio.ensure_future(self._fold_in(live, states, added, before, partitions))
-        return self._fold_task
+        self._unfolded_events += len(batch)
+        if self._pending_done is None:
+            self._pending_done = asyncio.get_running_loop().create_future()
+        done = self._pending_done
+        if self._fold_task is None or self._fold_task.done():
+            self._start_fold_in()
+        return done
+
+    def _start_fold_in(self) -> None:
+        """Hand every pending user to a new fold-in task (none may be running)."""
+        pending, self._pending = self._pending, {}
+        done, self._pending_done = self._pending_done, None
+        events, self._unfolded_events = self._unfolded_events, 0
+        states = {user: self._states[user] for user in pending}
+        self._frozen = set(states)  # their counts dicts are read by the fold-in: counting copies them
+        self._fold_task = asyncio.ensure_future(self._fold_in(self.live, states, pending, done, events))
 
     def plays_ready(self) -> bool:
-        """Whether `on_plays` can take a batch without waiting (the previous fold-in and write are done)."""
-        return self._fold_task is None or self._fold_task.done()
+        """Whether `on_plays` can take a batch without waiting (fold-ins have not fallen behind)."""
+        return self._unfolded_events < MAX_UNFOLDED_EVENTS
+
+    async def _wait_fold_task(self) -> None:
+        task = self._fold_task
+        if task is not None:
+            with contextlib.suppress(Exception):  # its failure reaches BatchIngest through the completion
+                await asyncio.shield(task)
+
+    async def drain_fold_ins(self) -> None:
+        """Fold in and write every pending user and wait for it (rebalance, stop, cache reset)."""
+        while True:
+            await self._wait_fold_task()
+            if not self._pending:
+                return
+            self._start_fold_in()
 
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
-        """Finish the fold-in in flight before partitions move: its rows must reach the changelog before
-        the next owner recovers them (a later write from here would overwrite the new owner's rows).
-        The decoded rows are dropped: the next generation refills them from the recovered store."""
-        await self.wait_fold_in()
+        """Finish the counted users' fold-in and write before partitions move: their rows must reach the
+        changelog before the next owner recovers them (a later write from here would overwrite the new
+        owner's rows). The decoded rows are dropped: the next generation refills them from the store."""
+        await self.drain_fold_ins()
         self._states.clear()
         self._states_generation = None
-
-    async def wait_fold_in(self, raise_errors: bool = False) -> None:
-        """Wait for the micro-batch completion in flight (if any). Its failure (a changelog write that
-        failed) reaches BatchIngest through the completion itself, which crashes the worker; with
-        `raise_errors` it is raised here too (the next batch must not count on top of it)."""
-        task, self._fold_task = self._fold_task, None
-        if task is not None:
-            if raise_errors:
-                await asyncio.shield(task)
-            else:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(task)
 
     async def _dead_letter(self, message: Any, reason: str) -> None:
         self.metrics.dead_letters.labels(dead_letter_kind(reason)).inc()
@@ -367,29 +392,100 @@ class StreamWorker:
 
     async def _fold_in(
         self,
-        live: LiveModel,
+        live: LiveModel | None,
         states: dict[str, UserState],
-        added: dict[str, dict[str, int]],
-        before: dict[str, int],
-        partitions: dict[str, int],
+        pending: dict[str, _Pending],
+        done: asyncio.Future | None,
+        events: int,
+    ) -> None:
+        """Solve the pending users' vectors (off the event loop), write every row once (counts, offset,
+        vector) and make it durable, then resolve `done` (the completion of the batches counted into
+        `pending`) and start the next fold-in if users were counted meanwhile. A failed solve is logged
+        (the counts are still written); a failed write fails `done` (those batches are not acked)."""
+        try:
+            vectors = await self._solve_and_write(live, states, pending)
+        except BaseException as exc:
+            if done is not None and not done.done():
+                done.set_exception(exc)
+                done.exception()  # retrieved here too: BatchIngest reports it
+            raise
+        finally:
+            self._frozen = set()
+        if done is not None and not done.done():
+            done.set_result(vectors)
+        if self._pending and (self._fold_task is None or self._fold_task.done() or self._fold_task is _current_task()):
+            self._start_fold_in()
+
+    async def _solve_and_write(
+        self, live: LiveModel | None, states: dict[str, UserState], pending: dict[str, _Pending]
     ) -> dict[str, np.ndarray]:
-        """Solve the changed users' vectors (off the event loop), write every changed row once (counts,
-        offset, vector) and make it durable, and forward plays of unknown tracks. A failed solve is
-        logged (the counts are still written); a failed write raises (the batch is not acked)."""
         started = time.perf_counter()
-        changes = {
-            user: live.change(user, before[user], states[user].offset, new, states[user].counts)
-            for user, new in added.items()
-        }
-        full = _FullCounts(live, states)  # read in the thread: no batch is counted until this task is done
+        added = {user: entry.added for user, entry in pending.items() if entry.added}
+        vectors: dict[str, np.ndarray] = {}
+        if live is not None:
+            for user, entry in pending.items():
+                if not entry.added:  # the offset moved without streams: a cached system stays valid
+                    live.advance(user, entry.before, states[user].offset)
+        if live is not None and added:
+            changes = {
+                user: live.change(user, pending[user].before, states[user].offset, new, states[user].counts)
+                for user, new in added.items()
+            }
+            full = _FullCounts(live, {user: states[user] for user in added})  # frozen dicts: read in the thread
+            vectors = await self._solve(live, full, changes)
+        entries, olds, news = [], [], []
+        swapped = self.live is not live
+        replaced = self._replaced
+        self._replaced = {}
+        for user, state in states.items():
+            vector = vectors.get(user)
+            current = self._states.get(user, state)  # may hold counts of batches counted since (consistent)
+            if vector is not None and not (
+                swapped and current.vector is not None and current.version != live.version  # re-folded
+            ):
+                if user in replaced:
+                    old = replaced[user]
+                else:
+                    old = current.vector if current.version == live.version else live.model_user_vector(user)
+                olds.append(np.zeros(live.k, np.float32) if old is None else old)
+                news.append(vector)
+                current = current._replace(version=live.version, vector=vector)
+                if user in self._states:
+                    self._states[user] = current  # the recommendations reflect the plays from here on
+            entries.append((user.encode(), pack_user(current), pending[user].partition))
+        if news:
+            live.users_moved(np.stack(olds), np.stack(news))
+        await self.user_writer.write(entries)
+        self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
+        self.metrics.user_fold_ins.inc(len(vectors))
+        # plays of tracks the model does not know go to the track side, with the listener's vector
+        for user, tracks in added.items() if live is not None else ():
+            vector = vectors.get(user)
+            for track in tracks:
+                if track in live.item_index:
+                    continue
+                body = {
+                    "track": track,
+                    "user": user,
+                    "count": int(states[user].counts[track]),
+                    "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
+                }
+                await self.track_plays.send(key=track.encode(), value=pack_message(body))
+        return vectors
+
+    async def _solve(
+        self, live: LiveModel, full: Mapping[str, Mapping[str, float]], changes: dict[str, UserChange]
+    ) -> dict[str, np.ndarray]:
+        """`live.fold_in_users` in a thread; each group's vectors are published on the event loop as soon
+        as it is solved (`self._replaced` keeps the vectors they replaced, for `users_moved`)."""
         loop = asyncio.get_running_loop()
-        replaced: dict[str, np.ndarray | None] = {}  # user -> vector before this fold-in, once published
+        replaced = self._replaced
 
         def publish(solved: dict[str, np.ndarray]) -> None:
-            """On the event loop, as each group is solved: recommendations reflect the plays from here on
-            (the rows reach the changelog below, before the batch is acked)."""
+            """On the event loop: recommendations reflect the plays from here on (the rows reach the
+            changelog after the whole fold-in, before its batches are acked)."""
             if self.live is not live:
-                return  # swapped meanwhile: the re-fold decides (below)
+                return  # swapped meanwhile: the re-fold decides
             for user, vector in solved.items():
                 current = self._states.get(user)
                 if current is None:
@@ -404,46 +500,10 @@ class StreamWorker:
             loop.call_soon_threadsafe(publish, solved)
 
         try:
-            vectors = await loop.run_in_executor(None, live.fold_in_users, full, changes, on_solved)
+            return await loop.run_in_executor(None, live.fold_in_users, full, changes, on_solved)
         except Exception:
-            log.exception("fold-in of a micro-batch failed; its users are folded in again on their next plays")
-            vectors = {}
-        entries, olds, news = [], [], []
-        swapped = self.live is not live
-        for user, state in states.items():
-            vector = vectors.get(user)
-            current = self._states.get(user, state)
-            newer = swapped and current.vector is not None and current.version != live.version  # re-folded
-            if vector is not None and not newer:
-                if user in replaced:
-                    old = replaced[user]
-                else:
-                    old = current.vector if current.version == live.version else live.model_user_vector(user)
-                olds.append(np.zeros(live.k, np.float32) if old is None else old)
-                news.append(vector)
-                current = current._replace(version=live.version, vector=vector)
-                if user in self._states:
-                    self._states[user] = current  # the recommendations reflect the plays from here on
-            entries.append((user.encode(), pack_user(current), partitions[user]))
-        if news:
-            live.users_moved(np.stack(olds), np.stack(news))
-        await self.user_writer.write(entries)
-        self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
-        self.metrics.user_fold_ins.inc(len(vectors))
-        # plays of tracks the model does not know go to the track side, with the listener's vector
-        for user, tracks in added.items():
-            vector = vectors.get(user)
-            for track in tracks:
-                if track in live.item_index:
-                    continue
-                body = {
-                    "track": track,
-                    "user": user,
-                    "count": int(states[user].counts[track]),
-                    "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
-                }
-                await self.track_plays.send(key=track.encode(), value=pack_message(body))
-        return vectors
+            log.exception("fold-in failed; its users are folded in again on their next plays")
+            return {}
 
     # -- new tracks ----------------------------------------------------------------------------
     async def on_track_plays(self, batch: list[Any]) -> None:
@@ -575,6 +635,25 @@ class StreamWorker:
             self.metrics.lag.set(max(0, highwater - committed))
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
+
+
+class _Pending:
+    """A user counted since the last fold-in started: state offset before, streams added per track,
+    partition."""
+
+    __slots__ = ("added", "before", "partition")
+
+    def __init__(self, before: int, added: dict[str, int], partition: int) -> None:
+        self.before = before
+        self.added = added
+        self.partition = partition
+
+
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 class _FullCounts(Mapping):
