@@ -376,6 +376,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def latency_summary(latencies: list[float | None]) -> dict[str, float]:
+    """answered / timeouts (None) / p50 / p90 / p99 / max of probe latencies in seconds."""
+    ok = [x for x in latencies if x is not None]
+    summary = {"answered": len(ok), "timeouts": len(latencies) - len(ok)}
+    return summary | {f"p{q}": percentile(ok, q) for q in (50, 90, 99)} | {"max": max(ok) if ok else float("nan")}
+
+
 def measure_freshness(
     bootstrap: str,
     topic: str,
@@ -424,28 +431,14 @@ def measure_freshness(
         out, _ = load.communicate(timeout=60)  # closes its stdin: the load producer stops
     latencies = [prober.latency.get(i) for i in range(args.probes)]
     existing = [prober.latency_existing.get(i) for i in range(args.probes)]
-    ok_existing = [x for x in existing if x is not None]
     load_result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    ok = [x for x in latencies if x is not None]
     processed = after.get("playrec_events_processed_total", 0) - before.get("playrec_events_processed_total", 0)
     batches = after.get("playrec_batch_seconds_count", 0) - before.get("playrec_batch_seconds_count", 0)
     batch_s = after.get("playrec_batch_seconds_sum", 0) - before.get("playrec_batch_seconds_sum", 0)
     return {
         "probes": len(latencies),
-        "answered": len(ok),
-        "timeouts": len(latencies) - len(ok),
-        "p50": percentile(ok, 50),
-        "p90": percentile(ok, 90),
-        "p99": percentile(ok, 99),
-        "max": max(ok) if ok else float("nan"),
-        "existing": {
-            "answered": len(ok_existing),
-            "timeouts": len(existing) - len(ok_existing),
-            "p50": percentile(ok_existing, 50),
-            "p90": percentile(ok_existing, 90),
-            "p99": percentile(ok_existing, 99),
-            "max": max(ok_existing) if ok_existing else float("nan"),
-        },
+        **latency_summary(latencies),
+        "existing": latency_summary(existing),
         "mean_polls": prober.polls / max(1, len(latencies)),
         "probe_seconds": t_after - t_before,
         "load": load_result,

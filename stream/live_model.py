@@ -305,7 +305,7 @@ class LiveModel:
             if changes:  # cached: inverses (the stream's users come back with a few plays each)
                 P, b, known, news = self._build_inverses({u: counts[u] for u in rebuild}, gram_reg, gram_total)
                 self._remember(rebuild, P, b, known, news, changes, generation, gram_total)
-                solved = self._solve_inverse(rebuild, P, b, known)
+                solved = self._solve(rebuild, P, b, known, inverted=True)
             else:
                 S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
                 S += gram_reg
@@ -318,26 +318,18 @@ class LiveModel:
         return out
 
     @staticmethod
-    def _solve(users: list[str], A: np.ndarray, b: np.ndarray, known: np.ndarray) -> dict[str, np.ndarray]:
-        """{user: A_u^-1 b_u} (A_u = G + reg I + S_u) for the users with any known track."""
+    def _solve(
+        users: list[str], M: np.ndarray, b: np.ndarray, known: np.ndarray, inverted: bool = False
+    ) -> dict[str, np.ndarray]:
+        """{user: x_u} for the users with any known track: x_u = M_u^-1 b_u with M_u = A_u = G + reg I + S_u,
+        or x_u = M_u b_u when ``inverted`` (M_u = A_u^-1, the cached inverses)."""
         solvable = np.flatnonzero(known)
         if not len(solvable):
             return {}
         if len(solvable) < len(users):
-            A, b = A[solvable], b[solvable]
-        solved = np.linalg.solve(A, b[:, :, None])[:, :, 0].astype(np.float32)
-        return dict(zip((users[i] for i in solvable), solved))
-
-    @staticmethod
-    def _solve_inverse(users: list[str], P: np.ndarray, b: np.ndarray, known: np.ndarray) -> dict[str, np.ndarray]:
-        """{user: P_u b_u} for the users with any known track (P_u the inverse of A_u)."""
-        solvable = np.flatnonzero(known)
-        if not len(solvable):
-            return {}
-        if len(solvable) < len(users):
-            P, b = P[solvable], b[solvable]
-        solved = np.matmul(P, b[:, :, None])[:, :, 0].astype(np.float32)
-        return dict(zip((users[i] for i in solvable), solved))
+            M, b = M[solvable], b[solvable]
+        x = np.matmul(M, b[:, :, None]) if inverted else np.linalg.solve(M, b[:, :, None])
+        return dict(zip((users[i] for i in solvable), x[:, :, 0].astype(np.float32)))
 
     def _fold_incremental(
         self,
@@ -396,7 +388,7 @@ class LiveModel:
                         slot_of.move_to_end(users[i])
                         for track in news[i]:
                             self._track_users.setdefault(track, set()).add(users[i])
-            solved = self._solve_inverse(users[start:stop], P, b, known)
+            solved = self._solve(users[start:stop], P, b, known, inverted=True)
             out.update(solved)
             if on_solved is not None and solved:
                 on_solved(solved)

@@ -491,9 +491,7 @@ class StreamWorker:
                 if current is None:
                     continue
                 if user not in replaced:
-                    replaced[user] = (
-                        current.vector if current.version == live.version else live.model_user_vector(user)
-                    )
+                    replaced[user] = current.vector if current.version == live.version else live.model_user_vector(user)
                 self._states[user] = current._replace(version=live.version, vector=vector)
 
         def on_solved(solved: dict[str, np.ndarray]) -> None:  # fold-in thread
