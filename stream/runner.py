@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 from stream.settings import WorkerSettings
 from stream.topics import ensure_topics
@@ -14,6 +15,12 @@ log = logging.getLogger(__name__)
 #: few dozen events here (each event allocates Kafka record, message and count objects), and every
 #: tenth one rescans the middle generation; 50,000 makes it a few per micro-batch.
 GC_GEN0_THRESHOLD = 50_000
+
+
+#: Longest a thread holding the GIL keeps it when another thread waits (CPython default 5 ms). The worker
+#: runs three Python threads: the event loop (counting, HTTP), faust's consumer thread (fetching) and the
+#: fold-in thread; at 5 ms a fetch that needs the GIL many times stalled for up to ~1 s behind a fold-in.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def tune_gc() -> None:
@@ -41,6 +48,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     ensure_topics(settings)
     worker = StreamWorker(settings)
     tune_gc()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     faust_worker = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     faust_worker.execute_from_commandline()
     return 0

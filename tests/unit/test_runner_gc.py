@@ -17,3 +17,10 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> No
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_worker_gil_switch_interval_is_short() -> None:
+    """Three Python threads share the GIL in a worker: the switch interval must be well under 5 ms."""
+    from stream.runner import GIL_SWITCH_INTERVAL_S
+
+    assert 0 < GIL_SWITCH_INTERVAL_S <= 0.001
