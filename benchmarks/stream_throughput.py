@@ -439,6 +439,8 @@ def measure_freshness(
         "probes": len(latencies),
         **latency_summary(latencies),
         "existing": latency_summary(existing),
+        "latencies": latencies,  # per probe, in send order (None = lost)
+        "latencies_existing": existing,
         "mean_polls": prober.polls / max(1, len(latencies)),
         "probe_seconds": t_after - t_before,
         "load": load_result,

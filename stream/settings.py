@@ -167,7 +167,7 @@ class WorkerSettings:
     table_store: str = "memory://"
     min_listeners: int = 5
     max_batch: int = 20_000
-    max_latency_s: float = 0.02
+    max_latency_s: float = 0.05
     search_k: int | None = None
     session_timeout_s: float = 30.0
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
