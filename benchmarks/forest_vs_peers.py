@@ -7,8 +7,9 @@ noise with lognormal norms; track queries (cosine) are item vectors. BLAS is lim
 for everyone (threadpoolctl); hnswlib runs with num_threads=1, annoy with n_jobs=1 and its
 per-query loop, the forest with ``query_batch``; exact brute force is blocked BLAS + argpartition.
 
-Forest configurations: ``1x64`` = one tree, leaf_size 64, leaf-scan search (the recommended shape:
-centroid-ranked leaves, grouped-GEMM re-rank); ``50x64`` = 50 trees, leaf_size 64, tree-walk search
+Forest configurations: ``1x64`` = one tree, leaf_size 64, leaf-scan search (centroid-ranked leaves,
+grouped-GEMM re-rank; one-tree forests get Lloyd-refined leaves by default; the recommended shape
+is now one tree with leaf_size 96, used by ``--side-only``); ``50x64`` = 50 trees, leaf_size 64, tree-walk search
 (the previous default, 100K only). The large set's exact top-10 (10K queries) is computed once in
 blocks and cached in ``/tmp/forest_truth_<key>.npy``; brute-force speed is timed on its first 1,024
 queries.
@@ -21,8 +22,10 @@ builds the forest (``n_trees=trees, leaf_size=64``) and annoy (``add_item`` loop
 n_jobs=1)``) on the same data, alternating which goes first, ``rounds`` times per size and metric,
 and prints median build seconds, their ratio, and recall@10 of both at equal ``search_k``.
 
-Search side by side on the large set only: ``--side-only --efc 200 --forest-knobs 11000,15000
---ef-knobs 80,100,160 --rounds 3`` (hnswlib index cached in ``/tmp``; wall and CPU-time medians).
+Search side by side on the large set only: ``--side-only --efc 200 --forest-knobs 800,1000,1500
+--ef-knobs 80,100,160 --rounds 3 [--leaf-size 96] [--refine N] [--baseline-knobs 11000,15000]``
+(hnswlib index cached in ``/tmp``; wall and CPU-time medians; ``--baseline-knobs`` also times the
+unrefined one-tree leaf_size-64 forest, the previous recommended shape, in the same rounds).
 """
 
 from __future__ import annotations
@@ -148,13 +151,16 @@ def run_hnsw(x, q, truth, space, knobs, rows, tag, ef_construction=200, m=16):
     return h
 
 
-def side_by_side(f, h, x, q, truth, forest_knobs, ef_knobs, rounds: int, brute_queries: int = 256) -> str:
+def side_by_side(f, h, x, q, truth, forest_knobs, ef_knobs, rounds: int, brute_queries: int = 256, others=()) -> str:
     """Forest, hnswlib and brute force timed in alternation, ``rounds`` times: median queries/s.
 
     The machine is shared: a single timing of each library at a different moment can be off by 2x
-    or more; alternating them and taking medians makes the ratios trustworthy.
+    or more; alternating them and taking medians makes the ratios trustworthy. ``others``: more
+    ``(label, forest, knobs)`` timed in the same rounds (e.g. the previous forest shape).
     """
     runs = [(f"forest search_k={sk}", lambda sk=sk: f.query_batch(q, k=K, search_k=sk)[0]) for sk in forest_knobs]
+    for label, g, knobs in others:
+        runs += [(f"{label} search_k={sk}", lambda g=g, sk=sk: g.query_batch(q, k=K, search_k=sk)[0]) for sk in knobs]
     for ef in ef_knobs:
 
         def hnsw(ef=ef):
@@ -198,8 +204,16 @@ def side_only(args) -> None:
     x, q = big_set(args.seed, n, args.big_queries)
     truth = cached_truth(x, q, f"s{args.seed}_n{n}_q{len(q)}")
     t0 = time.perf_counter()
-    f = HyperplaneForest(40, "dot", n_trees=1, leaf_size=64, seed=0).build(x, np.arange(n))
-    print(f"# forest-1x64 build {time.perf_counter() - t0:.1f} s, {f.stats()}", flush=True)
+    f = HyperplaneForest(40, "dot", n_trees=1, leaf_size=args.leaf_size, seed=0, refine=args.refine).build(
+        x, np.arange(n)
+    )
+    print(f"# forest-1x{args.leaf_size} (refine {f.refine}) build {time.perf_counter() - t0:.1f} s, {f.stats()}")
+    others = []
+    if args.baseline_knobs:
+        t0 = time.perf_counter()
+        b = HyperplaneForest(40, "dot", n_trees=1, leaf_size=64, seed=0, refine=0).build(x, np.arange(n))
+        print(f"# forest-1x64 unrefined build {time.perf_counter() - t0:.1f} s, {b.stats()}", flush=True)
+        others.append(("forest-1x64 unrefined", b, [int(v) for v in args.baseline_knobs.split(",")]))
     path = Path(tempfile.gettempdir()) / f"forest_hnsw_ip_s{args.seed}_n{n}_M16_efc{args.efc}.bin"
     h = hnswlib.Index(space="ip", dim=40)
     if path.exists():
@@ -213,7 +227,7 @@ def side_only(args) -> None:
     fk = [int(v) for v in args.forest_knobs.split(",")]
     ek = [int(v) for v in args.ef_knobs.split(",")]
     print(f"\n## {n // 1000}K MIPS side by side (hnswlib M=16, ef_construction {args.efc})\n", flush=True)
-    print(side_by_side(f, h, x, q, truth, fk, ek, args.rounds), flush=True)
+    print(side_by_side(f, h, x, q, truth, fk, ek, args.rounds, others=others), flush=True)
 
 
 def table(rows, brute_qps) -> str:
@@ -369,6 +383,11 @@ def main() -> None:
     p.add_argument("--efc", type=int, default=100, help="--side-only: hnswlib ef_construction")
     p.add_argument("--forest-knobs", default="10000,15000", help="--side-only: forest search_k values")
     p.add_argument("--ef-knobs", default="80,160", help="--side-only: hnswlib ef values")
+    p.add_argument("--leaf-size", type=int, default=96, help="--side-only: the forest's leaf_size")
+    p.add_argument("--refine", type=int, default=None, help="--side-only: Lloyd passes (default: the forest's)")
+    p.add_argument(
+        "--baseline-knobs", default="", help="--side-only: also time the unrefined 1x64 forest at these search_k"
+    )
     args = p.parse_args()
     if args.side_only:
         from threadpoolctl import threadpool_limits

@@ -197,8 +197,10 @@ def topk_distinct(
 # leaf's vectors are read once per block instead of once per query.
 
 LEAF_RADIUS_WEIGHT = np.float32(0.2)  # leaf score = q.c + 0.2 r (tuned at 200K / 1M, see BENCHMARKS)
-_SCAN_QUERIES = 64  # queries per centroid-scan product (a 7 MB score buffer at 28.6K leaves)
+_SCAN_QUERIES = 128  # queries per centroid-scan product (a 13 MB score buffer at 25.6K leaves)
 _CELLS = 1 << 21  # (pair, slot) score cells per re-rank chunk (8 MB of float32)
+_SAMPLE_STEP = 8  # the leaf threshold comes from every 8th leaf score
+_THR_MARGIN = 1.6  # sampled leaf threshold: expect this many times the leaves needed
 _STATS_CHUNK = 1 << 19  # floats per leaf-radius chunk (cache-sized temporaries)
 
 
@@ -276,7 +278,9 @@ def scan_leaves(
     a compare + ``nonzero`` (the threshold comes from a partition of a strided sample of the
     scores), not with an ``argpartition`` over all leaves; they are ranked with one row-wise
     ``argsort`` of a padded ``(queries, ~1.5 needed leaves)`` matrix (SIMD sort, no global key
-    sort); queries whose threshold was too high are redone exactly.
+    sort); the number of leaves needed is learned block by block (the best leaves are often
+    smaller than the mean leaf) and queries whose threshold was too high are redone with lower
+    thresholds (:func:`_best_leaves`).
 
     For dot/cosine the bias is folded into the product (``[q, 1] @ [c, bias].T``: one pass over
     the score buffer less).
@@ -284,7 +288,7 @@ def scan_leaves(
     nq = qr.shape[0]
     n_leaf = centroid.shape[0]
     need = search_k / max(mean_leaf, 1.0)
-    step = 8 if n_leaf >= 64 * max(need, 1.0) else 1
+    step = _SAMPLE_STEP if n_leaf >= 8 * _SAMPLE_STEP * max(need, 1.0) else 1
     out_q, out_l, out_r = [], [], []
     finite = np.isfinite(bias)
     n_finite = int(finite.sum())
@@ -302,41 +306,11 @@ def scan_leaves(
             s = _leaf_scores(qr[a:b], centroid, bias, cent_sq, buf[:nb])
         sub = s[:, ::step]
         w = sub.shape[1]
-        r = min(w - 1, int(1.5 * need / step) + 4)
+        r = min(w - 1, int(_THR_MARGIN * need / step) + 4)
         thr = np.partition(sub, w - 1 - r, axis=1)[:, w - 1 - r]
-        thr = np.where(np.isfinite(thr), thr, np.float32(np.finfo(np.float32).min))
-        idx = np.flatnonzero(s >= thr[:, None])
-        rows = idx // n_leaf
-        cols = idx - rows * n_leaf
-        per_row = np.bincount(rows, minlength=nb)
-        width = max(int(per_row.max()), 1)
-        pos = np.arange(len(idx)) - (np.cumsum(per_row) - per_row)[rows]
-        neg = np.full((nb, width), np.inf, dtype=np.float32)  # padded -score, +inf = empty slot
-        neg[rows, pos] = -s.ravel()[idx]
-        lid = np.zeros((nb, width), dtype=np.int64)
-        lid[rows, pos] = cols
-        order = np.argsort(neg, axis=1)  # SIMD quicksort per row (deterministic)
-        lid = np.take_along_axis(lid, order, axis=1)
-        cnt = np.where(np.take_along_axis(neg, order, axis=1) < np.inf, np.take(counts, lid), 0)
-        cum = np.cumsum(cnt, axis=1)
-        keep = ((cum - cnt) < search_k) & (cnt > 0)
-        short = (cum[:, -1] < search_k) & (per_row < n_finite)
-        if short.any():  # threshold too high for these queries: take their full sorted row
-            keep[short] = False
-            sq = np.flatnonzero(short)
-            full = np.argsort(-s[sq], axis=1, kind="stable")[:, :n_finite]
-            fc = np.take(counts, full)
-            fcum = np.cumsum(fc, axis=1)
-            fkeep = ((fcum - fc) < search_k) & (fc > 0)
-        kr, kc = np.nonzero(keep)
-        kl = lid[kr, kc]
-        if short.any():
-            fr, fcol = np.nonzero(fkeep)
-            kr = np.concatenate([kr, sq[fr]])
-            kc = np.concatenate([kc, fcol])
-            kl = np.concatenate([kl, full[fr, fcol]])
-            o = np.lexsort((kc, kr))
-            kr, kc, kl = kr[o], kc[o], kl[o]
+        kr, kc, kl = _best_leaves(s, thr, counts, search_k, n_finite, int(2 * need) + 8)
+        # the best leaves are often smaller than the mean leaf: learn the leaves actually needed
+        need = max(need, len(kr) / nb)
         out_q.append(kr + a)
         out_l.append(kl)
         out_r.append(kc)
@@ -348,6 +322,50 @@ def scan_leaves(
         np.concatenate(out_l).astype(np.int64),
         np.concatenate(out_r).astype(np.int64),
     )
+
+
+def _best_leaves(
+    s: np.ndarray, thr: np.ndarray, counts: np.ndarray, search_k: int, n_finite: int, retry: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leaves of each row of scores ``s`` taken best first until ``search_k`` items, given a
+    per-row threshold ``thr`` expected to pass enough of them: ``(row, rank, leaf)`` sorted by row,
+    then rank. Rows whose threshold passed too few items are redone with the exact ``retry``-th best
+    score as threshold (``retry`` grows 4x per attempt), never with a full sort."""
+    nb, n_leaf = s.shape
+    thr = np.where(np.isfinite(thr), thr, np.float32(np.finfo(np.float32).min))
+    idx = np.flatnonzero(s >= thr[:, None])
+    rows = idx // n_leaf
+    cols = idx - rows * n_leaf
+    per_row = np.bincount(rows, minlength=nb)
+    width = max(int(per_row.max()), 1)
+    pos = np.arange(len(idx)) - (np.cumsum(per_row) - per_row)[rows]
+    neg = np.full((nb, width), np.inf, dtype=np.float32)  # padded -score, +inf = empty slot
+    neg[rows, pos] = -s.ravel()[idx]
+    lid = np.zeros((nb, width), dtype=np.int64)
+    lid[rows, pos] = cols
+    order = np.argsort(neg, axis=1)  # SIMD quicksort per row (deterministic)
+    lid = np.take_along_axis(lid, order, axis=1)
+    cnt = np.where(np.take_along_axis(neg, order, axis=1) < np.inf, np.take(counts, lid), 0)
+    cum = np.cumsum(cnt, axis=1)
+    keep = ((cum - cnt) < search_k) & (cnt > 0)
+    short = (cum[:, -1] < search_k) & (per_row < n_finite)
+    kr, kc = np.nonzero(keep)
+    kl = lid[kr, kc]
+    if short.any():  # threshold too high for these rows: redo them with a lower one
+        keep_row = ~short[kr]
+        kr, kc, kl = kr[keep_row], kc[keep_row], kl[keep_row]
+        sq = np.flatnonzero(short)
+        r = min(n_leaf - 1, retry)
+        t2 = np.partition(s[sq], n_leaf - 1 - r, axis=1)[:, n_leaf - 1 - r]
+        if r == n_leaf - 1:
+            t2 = np.full(len(sq), -np.inf, dtype=np.float32)
+        fr, fc, fl = _best_leaves(s[sq], t2, counts, search_k, n_finite, 4 * retry)
+        kr = np.concatenate([kr, sq[fr]])
+        kc = np.concatenate([kc, fc])
+        kl = np.concatenate([kl, fl])
+        o = np.lexsort((kc, kr))
+        kr, kc, kl = kr[o], kc[o], kl[o]
+    return kr, kc, kl
 
 
 def rerank_matrix(
@@ -378,7 +396,8 @@ def grouped_rerank(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact scores of (query, leaf) pairs, leaf by leaf; return the cells scoring ``>= tau[query]``.
 
-    ``pair_q``/``pair_leaf`` must be sorted by leaf. ``q`` is the operand matching
+    ``pair_q``/``pair_leaf`` must be grouped by leaf (all pairs of a leaf consecutive; grouping
+    leaves of similar sizes together keeps each chunk's padded buffer small). ``q`` is the operand matching
     :func:`rerank_matrix` (with a last column of ones when ``row_bias`` is used). All pairs of one
     leaf are scored with one GEMM against the leaf's vectors, gathered once per chunk of leaves.
     Cells ``(kill_pair, kill_col)`` (pair index, position within the leaf) never survive
@@ -391,22 +410,21 @@ def grouped_rerank(
     if not n_pairs:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.float32)
-    counts = np.take(leaf_count, pair_leaf).astype(np.int64)
-    width = max(int(counts.max()), 1)
     bounds = np.flatnonzero(np.diff(pair_leaf)) + 1
     g_start = np.concatenate([[0], bounds])
     g_end = np.concatenate([bounds, [n_pairs]])
     g_leaf = pair_leaf[g_start]
     g_cnt = np.take(leaf_count, g_leaf).astype(np.int64)
-    per_chunk = max(1, _CELLS // width)
     n_groups = len(g_start)
-    # chunk boundaries: whole leaf groups of about per_chunk pairs (a leaf with more pairs is alone)
+    # chunk boundaries: whole leaf groups of about _CELLS score cells (a leaf with more is alone)
+    cells = np.cumsum((g_end - g_start) * np.maximum(g_cnt, 1))
     ends = [0]
     while ends[-1] < n_groups:
-        a = int(g_start[ends[-1]])
-        ends.append(max(int(np.searchsorted(g_end, a + per_chunk, side="right")), ends[-1] + 1))
+        base = int(cells[ends[-1] - 1]) if ends[-1] else 0
+        ends.append(max(int(np.searchsorted(cells, base + _CELLS, side="right")), ends[-1] + 1))
     most = max(int(g_end[j - 1] - g_start[i]) for i, j in pairwise(ends))
-    buf_all = np.empty((most, width), dtype=np.float32)  # reused: no fresh pages per chunk
+    size = max(int(g_end[j - 1] - g_start[i]) * max(int(g_cnt[i:j].max()), 1) for i, j in pairwise(ends))
+    buf_flat = np.empty(size, dtype=np.float32)  # reused: no fresh pages per chunk
     qs_all = np.empty((most, q.shape[1]), dtype=q.dtype)
     for gi, gj in pairwise(ends):
         a, b = int(g_start[gi]), int(g_end[gj - 1])
@@ -414,7 +432,8 @@ def grouped_rerank(
         cnt = g_cnt[gi:gj]
         rows = np.take(leaf_items, _ragged_ranges(np.take(leaf_start, g_leaf[gi:gj]), cnt))
         vm = rerank_matrix(vectors, rows, row_scale, row_bias)
-        buf = buf_all[: b - a]
+        w = max(int(cnt.max()), 1)  # this chunk's widest leaf (pairs grouped by leaf size: little padding)
+        buf = buf_flat[: (b - a) * w].reshape(b - a, w)
         buf.fill(NEG_INF)
         v_off = (np.cumsum(cnt) - cnt).tolist()
         for s0, e0, c, o in zip((g_start[gi:gj] - a).tolist(), (g_end[gi:gj] - a).tolist(), cnt.tolist(), v_off):
@@ -425,8 +444,8 @@ def grouped_rerank(
                 buf[kill_pair[lo:hi] - a, kill_col[lo:hi]] = NEG_INF
         t = np.take(tau, pair_q[a:b])  # tau is finite (never -inf): -inf cells never survive
         flat = np.flatnonzero(buf >= t[:, None])
-        pr = flat // width
-        pc = flat - pr * width
+        pr = flat // w
+        pc = flat - pr * w
         pl = pair_leaf[a:b][pr]
         out_q.append(pair_q[a:b][pr])
         out_i.append(np.take(leaf_items, np.take(leaf_start, pl) + pc).astype(np.int64))
