@@ -315,7 +315,7 @@ class StreamWorker:
         for user, plays in events.items():
             state = cached(user)
             offset = state.offset
-            fresh = [p for p in plays if p[0] > offset] if plays[0][0] <= offset else plays
+            fresh = fresh_plays(plays, offset)
             if not fresh:
                 continue  # re-delivered after a crash: already counted
             applied += len(fresh)
@@ -633,6 +633,19 @@ class StreamWorker:
             self.metrics.lag.set(max(0, highwater - committed))
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
+
+
+def fresh_plays(plays: list[tuple[int, str, int]], applied: int) -> list[tuple[int, str, int]]:
+    """The plays `(offset, track, ms_played)` of one user still to count, each record once: offsets above
+    `applied` (the user's last applied offset: a batch re-delivered after a crash is skipped) and above
+    every earlier kept one (a record fetched twice, e.g. after a seek, since faust's read offset lets the
+    last delivered record through again, can sit twice in one batch)."""
+    fresh, last = [], applied
+    for play in plays:
+        if play[0] > last:
+            fresh.append(play)
+            last = play[0]
+    return fresh
 
 
 class _Pending:
