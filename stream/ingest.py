@@ -192,6 +192,7 @@ class BatchingConsumerMixin:
     _ingest_inflight: asyncio.Task[None] | None = None
     _ingest_pending: asyncio.Task[bool] | None = None  # the last batch's completion (acks when done)
     _ingest_suspended: bool = False
+    _ingest_commit: asyncio.Future | None = None  # the commit started after `commit_every` acks, if running
 
     # ---------------------------------------------------------------- drain loop
     async def _drain_messages(self, fetcher: Any) -> None:
@@ -335,9 +336,13 @@ class BatchingConsumerMixin:
         # acked, so a graceful stop never leaves half a batch in the changelog uncommitted.
         await asyncio.shield(task)
         commit_every = me._commit_every
-        if commit_every is not None and me._n_acked >= commit_every:
+        if commit_every is not None and me._n_acked >= commit_every and (
+            self._ingest_commit is None or self._ingest_commit.done()
+        ):
+            # in the background: a commit flushes the producer (a fold-in's changelog batch) and waits
+            # for any commit in progress, which blocked the drain loop (counting) for up to ~2 s
             me._n_acked = 0
-            await me.commit()
+            self._ingest_commit = asyncio.ensure_future(me.commit())
 
     async def _ingest_run(self, sink: BatchIngest, batch: list[Any], generation: int) -> None:
         me = cast(Any, self)
