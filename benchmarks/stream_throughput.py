@@ -383,18 +383,30 @@ def latency_summary(latencies: list[float | None]) -> dict[str, float]:
     return summary | {f"p{q}": percentile(ok, q) for q in (50, 90, 99)} | {"max": max(ok) if ok else float("nan")}
 
 
+def summed_metrics(clients: list[MetricsClient]) -> dict[str, float]:
+    """Metrics summed over several workers (a worker that does not answer counts as empty)."""
+    total: dict[str, float] = {}
+    for client in clients:
+        for name, value in (client.get() or {}).items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
 def measure_freshness(
     bootstrap: str,
     topic: str,
-    worker: WorkerProcess,
+    workers: list[WorkerProcess],
     run: str,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
+    """Probes through the first worker (requests for users another worker owns are routed to it);
+    rates, CPU and batch figures are summed over `workers`."""
+    worker = workers[0]
     _, rows = load_lastfm(LASTFM)
     rng = random.Random(42)
     artists = [rows[int(rng.random() * len(rows))] for _ in range(args.probes)]  # known (trained) artists
     seconds = [rows[int(rng.random() * len(rows))] for _ in range(args.probes)]
-    metrics = MetricsClient(worker.port)
+    clients = [MetricsClient(w.port) for w in workers]
     load = subprocess.Popen(
         load_cmd("rate", bootstrap, topic, run, seed=2000, rate=args.load_rate),
         cwd=ROOT,
@@ -408,9 +420,9 @@ def measure_freshness(
         thread.start()
     try:
         time.sleep(args.load_warmup)  # the load reaches the worker before the first probe
-        before = metrics.get() or {}
+        before = summed_metrics(clients)
         t_before = time.monotonic()
-        cpu_before = cpu_seconds(worker.proc.pid)
+        cpu_before = sum(cpu_seconds(w.proc.pid) for w in workers)
         loads = [load_avg()]
         start = time.monotonic()
         for i in range(args.probes):
@@ -423,9 +435,9 @@ def measure_freshness(
         limit = args.probes * args.probe_interval + 2 * args.probe_deadline + args.settle
         while not (len(prober.latency) >= args.probes and prober.done()) and time.monotonic() - start < limit:
             time.sleep(0.05)
-        after = metrics.get() or {}
+        after = summed_metrics(clients)
         t_after = time.monotonic()
-        cpu_after = cpu_seconds(worker.proc.pid)
+        cpu_after = sum(cpu_seconds(w.proc.pid) for w in workers)
     finally:
         prober.close()
         out, _ = load.communicate(timeout=60)  # closes its stdin: the load producer stops
@@ -444,6 +456,7 @@ def measure_freshness(
         "mean_polls": prober.polls / max(1, len(latencies)),
         "probe_seconds": t_after - t_before,
         "load": load_result,
+        "workers": len(workers),
         "worker_rate_during_probes": processed / (t_after - t_before),
         "worker_cpu_share": (cpu_after - cpu_before) / (t_after - t_before),
         "worker_mean_batch_s": batch_s / batches if batches else float("nan"),
@@ -496,7 +509,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"| background load: target / achieved | {args_rate(result):,.0f} / {load.get('rate', float('nan')):,.0f}"
             f" events/s ({load.get('events', 0):,} events) | |",
-            f"| worker events/s during probes | {f['worker_rate_during_probes']:,.0f} "
+            f"| events/s processed during probes ({f.get('workers', 1)} worker(s)) | "
+            f"{f['worker_rate_during_probes']:,.0f} "
             f"(batches of {f['worker_mean_batch_events']:,.0f} events, {f['worker_mean_batch_s'] * 1000:.0f} ms; "
             f"worker CPU {f['worker_cpu_share']:.0%} of a core) | |",
             f"| new users: freshness p50 / p90 | {f['p50'] * 1000:,.0f} / {f['p90'] * 1000:,.0f} ms | |",
@@ -558,6 +572,7 @@ def run(args: argparse.Namespace, bootstrap: str, broker_note: str, tmp: Path) -
         bootstrap, store, prefix, f"stb-{run_id}", tmp / "worker", partitions=args.partitions, loglevel="warn"
     )
     spy: subprocess.Popen | None = None
+    extra: list[WorkerProcess] = []
     try:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -571,16 +586,38 @@ def run(args: argparse.Namespace, bootstrap: str, broker_note: str, tmp: Path) -
             flush=True,
         )
         wait_for(worker.ready, 60, "worker ready")
+        for n in range(1, args.freshness_workers):  # scale out before the load: same app, group and tables
+            extra.append(
+                WorkerProcess(
+                    bootstrap,
+                    store,
+                    prefix,
+                    f"stb-{run_id}",
+                    tmp / f"worker{n}",
+                    partitions=args.partitions,
+                    loglevel="warn",
+                )
+            )
+        for w in extra:
+            wait_for(w.ready, 120, "added worker ready")
+        if extra:
+            wait_for(lambda: all(w.ready() for w in [worker, *extra]), 120, "all workers ready after the rebalance")
         if args.probes:
             if args.profile:
                 spy = start_spy(worker.proc.pid, args.profile / f"freshness-{run_id}.txt")
-            print(f"freshness: {args.probes} probes under {args.load_rate:,.0f} events/s ...", flush=True)
-            result["freshness"] = measure_freshness(bootstrap, topic, worker, run_id, args)
+            workers = len(extra) + 1
+            print(
+                f"freshness: {args.probes} probes under {args.load_rate:,.0f} events/s, {workers} worker(s) ...",
+                flush=True,
+            )
+            result["freshness"] = measure_freshness(bootstrap, topic, [worker, *extra], run_id, args)
             stop_spy(spy)
         else:
             result["freshness"] = {}
     finally:
         stop_spy(spy)
+        for w in extra:
+            w.stop()
         worker.stop()
     result["uptime_after"] = uptime()
     return result
@@ -614,6 +651,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--poll-interval", type=float, default=0.05, help="seconds between polls of one probe (default 0.05)"
     )
     parser.add_argument("--pollers", type=int, default=4, help="polling threads (default 4)")
+    parser.add_argument(
+        "--freshness-workers", type=int, default=1, help="workers sharing the partitions during the probes (default 1)"
+    )
     parser.add_argument("--probe-deadline", type=float, default=30.0, help="seconds before a probe counts as lost")
     parser.add_argument(
         "--settle", type=float, default=2.5, help="seconds between a probe's first answer and its second play"
