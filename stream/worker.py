@@ -367,9 +367,15 @@ class StreamWorker:
                 await asyncio.shield(task)
 
     async def drain_fold_ins(self) -> None:
-        """Fold in and write every pending user and wait for it (rebalance, stop, cache reset)."""
+        """Fold in and write every pending user and wait for it (rebalance, stop, cache reset): returns
+        only when no fold-in runs and none is pending (a finishing fold-in starts the next one itself)."""
         while True:
-            await self._wait_fold_task()
+            task = self._fold_task
+            if task is not None and not task.done():
+                await self._wait_fold_task()
+                continue
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                return  # a failed write: the worker is crashing (BatchIngest got the failure), nothing to drain
             if not self._pending:
                 return
             self._start_fold_in()
