@@ -339,22 +339,32 @@ class HyperplaneForest:
     def _split_leaves(self, leaves: np.ndarray, rows: np.ndarray, counts: np.ndarray, z: np.ndarray, rng) -> None:
         """Split leaves whose refined contents (``rows``, ``counts`` per leaf, consecutive) exceed
         ``leaf_size``: 2-means subtrees like the build's, grafted in place of the (empty) leaves."""
+        starts = np.cumsum(counts) - counts
+        self._regrow(leaves, rows, starts, counts, z, rng, np.arange(len(z), dtype=np.int64), tight=True, z_graft=z)
+
+    def _regrow(
+        self,
+        leaves: np.ndarray,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        z: np.ndarray,
+        rng: np.random.Generator,
+        local_to_row: np.ndarray,
+        *,
+        tight: bool,
+        z_graft: np.ndarray | None = None,
+    ) -> None:
+        """Grow 2-means subtrees (like the build's) over the runs ``rows[starts[i]:][:counts[i]]`` of ``z``
+        and graft them in place of ``leaves``, which are emptied."""
         a = self._arrays()
         g = grow(
-            rows,
-            np.cumsum(counts) - counts,
-            counts,
-            z,
-            self.leaf_size,
-            rng,
-            sample=self.sample,
-            iters=self.iters,
-            balance=self.balance,
+            rows, starts, counts, z, self.leaf_size, rng, sample=self.sample, iters=self.iters, balance=self.balance
         )
         refs = a["leaf_parent"][leaves].copy()
         a["leaf_count"][leaves] = 0
         a["leaf_cap"][leaves] = 0
-        self._graft(g, np.arange(len(z), dtype=np.int64), refs, tight=True, z=z)
+        self._graft(g, local_to_row, refs, tight=tight, z=z_graft)
 
     def _graft(
         self, g: Grown, local_to_row: np.ndarray, seg_refs: np.ndarray, *, tight: bool, z: np.ndarray | None = None
@@ -536,21 +546,7 @@ class HyperplaneForest:
             uniq_rows, local = np.unique(all_rows, return_inverse=True)
             zl = items_to_routing(a["vectors"][uniq_rows], self.metric, self.ref_norm)
             rng = np.random.default_rng([self.seed, self.n_adds + 1])
-            g = grow(
-                local.astype(np.int32),
-                seg_start,
-                seg_count,
-                zl,
-                self.leaf_size,
-                rng,
-                sample=self.sample,
-                iters=self.iters,
-                balance=self.balance,
-            )
-            refs = a["leaf_parent"][lv].copy()
-            a["leaf_count"][lv] = 0
-            a["leaf_cap"][lv] = 0
-            self._graft(g, uniq_rows, refs, tight=False)
+            self._regrow(lv, local.astype(np.int32), seg_start, seg_count, zl, rng, uniq_rows, tight=False)
         self.n_adds += 1
         self._cache = {}
         log.debug("added %d items in %.3fs (%d leaves regrown)", len(x), time.perf_counter() - t0, int(redo.sum()))
