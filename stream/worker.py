@@ -351,10 +351,10 @@ class StreamWorker:
         """Hand every pending user to a new fold-in task (none may be running)."""
         pending, self._pending = self._pending, {}
         done, self._pending_done = self._pending_done, None
-        events, self._unfolded_events = self._unfolded_events, 0
+        self._unfolded_events = 0
         states = {user: self._states[user] for user in pending}
         self._frozen = set(states)  # their counts dicts are read by the fold-in: counting copies them
-        self._fold_task = asyncio.ensure_future(self._fold_in(self.live, states, pending, done, events))
+        self._fold_task = asyncio.ensure_future(self._fold_in(self.live, states, pending, done))
 
     def plays_ready(self) -> bool:
         """Whether `on_plays` can take a batch without waiting (fold-ins have not fallen behind)."""
@@ -402,7 +402,6 @@ class StreamWorker:
         states: dict[str, UserState],
         pending: dict[str, _Pending],
         done: asyncio.Future | None,
-        events: int,
     ) -> None:
         """Solve the pending users' vectors (off the event loop), write every row once (counts, offset,
         vector) and make it durable, then resolve `done` (the completion of the batches counted into
