@@ -80,6 +80,8 @@ _SINKS_ATTR = "_playrec_batch_ingest"
 
 #: seconds between checks of a busy handler's ``ready()`` while a due batch waits for it
 READY_POLL_S = 0.005
+#: longest a stop waits for the batch completions in flight (fold-ins and their changelog writes)
+STOP_COMPLETION_S = 20.0
 #: longest the broker may hold a fetch of this consumer (faust's default 1500 ms delays busy partitions)
 FETCH_MAX_WAIT_MS = 50
 
@@ -432,8 +434,10 @@ class BatchingConsumerMixin:
             notify(me._waiting_for_ack)
 
     # ---------------------------------------------------------------- rebalance / stop
-    async def _ingest_quiesce(self, why: str) -> None:
-        """Stop handing records to handlers, drop unprocessed buffers, await the batch in flight and its completion."""
+    async def _ingest_quiesce(self, why: str, deadline_s: float | None = None) -> None:
+        """Stop handing records to handlers, drop unprocessed buffers, await the batch in flight and its
+        completion (at most ``deadline_s`` for the completion: a stop must not hang on a stuck write; its
+        batches stay unacked and are re-delivered)."""
         me = cast(Any, self)
         self._ingest_suspended = True
         dropped = 0
@@ -446,8 +450,17 @@ class BatchingConsumerMixin:
                 await asyncio.shield(task)
         pending = self._ingest_pending  # read after the handler finished: it may have added a completion
         if pending is not None and not pending.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), deadline_s)
+            except asyncio.TimeoutError:
+                log.error(
+                    "ingest %s: batch completions still running after %.0f s; their records stay unacked "
+                    "(re-delivered to the next owner)",
+                    why,
+                    deadline_s,
+                )
+            except Exception:  # a failed completion already crashed the app
+                pass
         log.info("ingest quiesced (%s): dropped %d buffered records (re-delivered later)", why, dropped)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
@@ -480,5 +493,5 @@ class BatchingConsumerMixin:
             log.info("fetch max wait set to %d ms", FETCH_MAX_WAIT_MS)
 
     async def wait_empty(self) -> None:
-        await self._ingest_quiesce("wait_empty")
+        await self._ingest_quiesce("wait_empty", deadline_s=STOP_COMPLETION_S)
         await super().wait_empty()  # type: ignore[misc]
