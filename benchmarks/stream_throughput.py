@@ -8,11 +8,14 @@
    ``playrec_events_processed_total`` reaches ``--events``.  Reports the sustained rate (median over
    5-s windows after the first event), the overall rate (first to last event) and the worker's
    ``playrec_batch_seconds`` / ``playrec_batch_events`` histograms.
-2. **Freshness under load**: with the worker caught up, a background process produces
-   ``--load-rate`` events/s while ``--probes`` probes run: probe i produces one play of a known
-   artist for a brand-new user ``probe-<run>-<i>`` and polls
-   ``GET /users/<user>/recommendations?k=10`` (keep-alive http.client connections) until it answers
-   ``"source": "fold-in"``; latency = first such answer - just before the send.
+2. **Freshness under load**: with the worker caught up (and, with ``--freshness-workers N``, N-1 more
+   workers started and ready), a background process produces ``--load-rate`` events/s while
+   ``--probes`` probes run, one per ``--probe-interval`` (0.1 s): probe i produces one play of a known
+   artist for a brand-new user ``probe-<run>-<i>`` and polls ``GET /users/<user>/recommendations?k=10``
+   (keep-alive http.client connections, every ``--poll-interval`` 0.05 s) until it answers
+   ``"source": "fold-in"`` (new-user latency); ``--settle`` (2.5 s) later it produces the user's second
+   play and polls with ``exclude_streamed=false`` until the items change (existing-user latency: the
+   background fold-in published the new vector). Latency = first such answer - just before the send.
 
 Broker: ``KAFKA_BOOTSTRAP`` if set, else a DevBroker.  Model: ``--store`` or Last.fm 2K trained into
 a temporary store (``playrec train --holdout 0 --iterations 10``).  Data: ``PLAYREC_DATA`` or
