@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from collections import defaultdict
@@ -21,6 +22,25 @@ from typing import Any
 
 from faust.streams import _current_event
 from faust.types import TP, Message
+
+log = logging.getLogger(__name__)
+
+
+#: A changelog send or delivery still waiting after this many seconds is logged (and again each period).
+SLOW_WRITE_S = 10.0
+
+
+async def _logged(awaitable: Any, topic: str, partition: int) -> Any:
+    """Await a producer step, logging a warning every SLOW_WRITE_S while it waits: one stop was seen
+    with a changelog batch waiting in aiokafka's accumulator for a drain that never came."""
+    task = asyncio.ensure_future(awaitable)
+    waited = 0.0
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), SLOW_WRITE_S)
+        except asyncio.TimeoutError:
+            waited += SLOW_WRITE_S
+            log.warning("changelog write to %s[%d] still waiting after %.0f s", topic, partition, waited)
 
 
 class BulkTableWriter:
@@ -61,15 +81,17 @@ class BulkTableWriter:
             for key, value in pairs:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: ship it
                     batch.close()
-                    pending.append((await producer.send_batch(batch, topic, partition=partition), partition, count))
+                    sent = await _logged(producer.send_batch(batch, topic, partition=partition), topic, partition)
+                    pending.append((sent, partition, count))
                     batch, count = producer.create_batch(), 0
                     batch.append(key=key, value=value, timestamp=None)
                 count += 1
             batch.close()
-            pending.append((await producer.send_batch(batch, topic, partition=partition), partition, count))
+            sent = await _logged(producer.send_batch(batch, topic, partition=partition), topic, partition)
+            pending.append((sent, partition, count))
         last: dict[int, int] = {}
         for future, partition, count in pending:
-            metadata = await future
+            metadata = await _logged(future, topic, partition)
             last[partition] = max(last.get(partition, -1), metadata.offset + count - 1)
         for partition, offset in last.items():
             store.set_persisted_offset(TP(topic, partition), offset)
