@@ -317,7 +317,7 @@ class HyperplaneForest:
         n_leaf = len(g.leaf_count)
         cnt = g.leaf_count.astype(np.int64)
         labels = np.empty(len(g.items), dtype=np.int64)
-        labels[g.items[_search._ragged_ranges(g.leaf_start, cnt)]] = np.repeat(np.arange(n_leaf), cnt)
+        labels[g.items[_search.ragged_ranges(g.leaf_start, cnt)]] = np.repeat(np.arange(n_leaf), cnt)
         labels = _refine.lloyd(z, labels, n_leaf, self.refine)
         counts = np.bincount(labels, minlength=n_leaf).astype(np.int64)
         order = np.argsort(labels, kind="stable").astype(np.int32)
@@ -609,7 +609,7 @@ class HyperplaneForest:
             a = self._arrays()
             c = a["leaf_count"].astype(np.int64)
             leaf = np.repeat(np.arange(len(c)), c)
-            pos = np.repeat(a["leaf_start"], c) + (np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c))
+            pos = _search.ragged_ranges(a["leaf_start"], c)
             slot_leaf = np.full(len(a["leaf_items"]), -1, dtype=np.int64)
             slot_leaf[pos] = leaf
             rows = a["leaf_items"][pos].astype(np.int64)
@@ -624,7 +624,7 @@ class HyperplaneForest:
         hi = np.searchsorted(srows, rows, side="right")
         n = hi - lo
         which = np.repeat(np.arange(len(rows)), n)
-        slot = sslots[np.repeat(lo, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))]
+        slot = sslots[_search.ragged_ranges(lo, n)]
         leaf = slot_leaf[slot]
         return which, leaf, slot - self._arrays()["leaf_start"][leaf]
 
@@ -673,7 +673,7 @@ class HyperplaneForest:
         first = prank < max(2, int(np.ceil(_TAU_ITEMS * k / mean_leaf)))
         fq, fl = pq[first], pl[first]
         fc = count[fl].astype(np.int64)
-        fpos = _search._ragged_ranges(a["leaf_start"][fl], fc)
+        fpos = _search.ragged_ranges(a["leaf_start"][fl], fc)
         frows = a["leaf_items"][fpos].astype(np.int64)
         fqq = np.repeat(fq, fc)
         ok = alive[frows]
@@ -717,7 +717,7 @@ class HyperplaneForest:
             _w, leaf, col = self._slots_of(dead)
             lo = np.searchsorted(srk, rank[leaf], side="left")
             n = np.searchsorted(srk, rank[leaf], side="right") - lo
-            kp.append(_search._ragged_ranges(lo, n))
+            kp.append(_search.ragged_ranges(lo, n))
             kc.append(np.repeat(col, n))
         if banned is not None and len(banned):
             w, leaf, col = self._slots_of(banned % n_rows)

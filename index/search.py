@@ -236,7 +236,7 @@ def leaf_stats(z: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return cent, rad
 
 
-def _ragged_ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+def ragged_ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(start[i], start[i] + count[i])`` for all ``i``."""
     count = np.asarray(count, dtype=np.int64)
     total = int(count.sum())
@@ -430,7 +430,7 @@ def grouped_rerank(
         a, b = int(g_start[gi]), int(g_end[gj - 1])
         qs = np.take(q, pair_q[a:b], axis=0, out=qs_all[: b - a], mode="clip")  # "raise" + out buffers a copy
         cnt = g_cnt[gi:gj]
-        rows = np.take(leaf_items, _ragged_ranges(np.take(leaf_start, g_leaf[gi:gj]), cnt))
+        rows = np.take(leaf_items, ragged_ranges(np.take(leaf_start, g_leaf[gi:gj]), cnt))
         vm = rerank_matrix(vectors, rows, row_scale, row_bias)
         w = max(int(cnt.max()), 1)  # this chunk's widest leaf (pairs grouped by leaf size: little padding)
         buf = buf_flat[: (b - a) * w].reshape(b - a, w)

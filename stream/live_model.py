@@ -31,6 +31,7 @@ from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.model_store import Model
 from batch.recommend import explain_score, top_k, training_plays
+from index.search import ragged_ranges
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,6 @@ SM_BUILD_TRACKS = 24
 #: Rank-one updates of one cached inverse before it is rebuilt from the user's full counts (bounds the
 #: rounding that Sherman-Morrison updates accumulate; each adds ~1e-16 x the system's condition number).
 REFRESH_UPDATES = 2000
-
-
-def _ragged_positions(start: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(start[i], start[i] + count[i])`` over ``i`` (int64)."""
-    count = np.asarray(count, dtype=np.int64)
-    ends = np.cumsum(count)
-    total = int(ends[-1]) if len(ends) else 0
-    return np.repeat(np.asarray(start, dtype=np.int64) - (ends - count), count) + np.arange(total)
 
 
 def _rank_one_updates(
@@ -365,7 +358,7 @@ class LiveModel:
         users = [users[i] for i in order]
         news = [news[i] for i in order]
         degree = degree[order]
-        pos = _ragged_positions(indptr[:-1][order], degree)
+        pos = ragged_ranges(indptr[:-1][order], degree)
         cols, s_w, b_w = cols[pos], s_w[pos], b_w[pos]
         indptr = np.concatenate([[0], np.cumsum(degree)])
         y_all = np.asarray(vectors, dtype=np.float64)[cols]
@@ -454,7 +447,7 @@ class LiveModel:
         P, b = np.empty((n, k, k)), np.zeros((n, k))
         many = np.flatnonzero(degree > SM_BUILD_TRACKS)
         if len(many):
-            pos = _ragged_positions(indptr[:-1][many], degree[many])
+            pos = ragged_ranges(indptr[:-1][many], degree[many])
             sub = np.concatenate([[0], np.cumsum(degree[many])])
             S, b[many] = assemble_rows(sub, cols[pos], w[pos], 1.0 + w[pos], vectors)
             S += gram_reg
