@@ -418,7 +418,7 @@ class StreamWorker:
             self._frozen = set()
         if done is not None and not done.done():
             done.set_result(vectors)
-        if self._pending and (self._fold_task is None or self._fold_task.done() or self._fold_task is _current_task()):
+        if self._pending:  # counted while this fold-in ran (it is `_fold_task`: none other can start meanwhile)
             self._start_fold_in()
 
     async def _solve_and_write(
@@ -663,13 +663,6 @@ class _Pending:
         self.before = before
         self.added = added
         self.partition = partition
-
-
-def _current_task() -> asyncio.Task | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 class _FullCounts(Mapping):
