@@ -109,12 +109,7 @@ def test_incremental_fold_in_equals_a_rebuild(published):
         changes = {}
         for user in counts:
             added = {f"t{int(rng.integers(0, 30))}": int(rng.integers(1, 3)) for _ in range(3)}
-            for track, n in added.items():
-                counts[user][track] = counts[user].get(track, 0.0) + n
-            changes[user] = UserChange(
-                offsets[user], offsets[user] + 5, {t: (n, counts[user][t]) for t, n in added.items()}
-            )
-            offsets[user] += 5
+            changes[user] = _apply(counts, offsets, user, added, step=5)
         got = live.fold_in_users(counts, changes)
         want = fresh.fold_in_users(counts)
         for user in counts:
@@ -211,12 +206,7 @@ def test_incremental_fold_in_in_chunks_equals_a_rebuild(published, monkeypatch, 
             added = {f"t{int(rng.integers(0, 30))}": int(rng.integers(1, 3)) for _ in range(i % 4)}
             if i == 6:
                 added = {"not-known-yet": 1}
-            for track, n in added.items():
-                counts[user][track] = counts[user].get(track, 0.0) + n
-            changes[user] = UserChange(
-                offsets[user], offsets[user] + 1, {t: (n, counts[user][t]) for t, n in added.items()}
-            )
-            offsets[user] += 1
+            changes[user] = _apply(counts, offsets, user, added)
         got = live.fold_in_users(counts, changes)
         want = fresh.fold_in_users(counts)
         assert set(got) == set(want)
@@ -237,21 +227,26 @@ def test_change_carries_full_counts(published):
     assert live.change("nobody", -1, 0, {"t1": 1}, {"t1": 1}).added == {"t1": (1, 1.0)}
 
 
-def _play_batch(rng, users, counts, offsets, n_tracks=40, most=3):
-    """One batch of 0..most plays of known tracks per user: updates counts/offsets, returns the changes."""
+def _apply(counts, offsets, user, added, step=1):
+    """Add `added` {track: streams} to the user's counts and move their offset by `step`: the UserChange."""
     from stream.live_model import UserChange
 
+    for track, n in added.items():
+        counts[user][track] = counts[user].get(track, 0.0) + n
+    change = UserChange(offsets[user], offsets[user] + step, {t: (n, counts[user][t]) for t, n in added.items()})
+    offsets[user] += step
+    return change
+
+
+def _play_batch(rng, users, counts, offsets, n_tracks=40, most=3):
+    """One batch of 0..most plays of known tracks per user: updates counts/offsets, returns the changes."""
     changes = {}
     for user in users:
         added: dict[str, int] = {}
         for _ in range(int(rng.integers(0, most + 1))):
             track = f"t{int(rng.integers(0, n_tracks))}"
             added[track] = added.get(track, 0) + int(rng.integers(1, 3))
-        for track, n in added.items():
-            counts[user][track] = counts[user].get(track, 0.0) + n
-        full = {t: (n, counts[user][t]) for t, n in added.items()}
-        changes[user] = UserChange(offsets[user], offsets[user] + 1, full)
-        offsets[user] += 1
+        changes[user] = _apply(counts, offsets, user, added)
     return changes
 
 
