@@ -40,6 +40,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -285,13 +286,15 @@ class Prober:
         self.latency_existing: dict[int, float | None] = {}
         self.polls = 0
         self.closed = False
+        self.acked: list[float] = []  # seconds from each probe play's send to the broker's ack
 
     def _produce(self, user: str, artist: str) -> float:
         from stream.events import encode_play
 
         key, value = encode_play(user, artist, int(time.time() * 1000), 200_000)
         sent = time.perf_counter()
-        self.producer.send(self.topic, key=key, value=value)
+        future = self.producer.send(self.topic, key=key, value=value)
+        future.add_callback(lambda _metadata: self.acked.append(time.perf_counter() - sent))
         return sent
 
     def send(self, i: int, artist: str, second: str) -> None:
@@ -311,16 +314,19 @@ class Prober:
     def poller(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         while True:
-            with self.cond:
-                while not self.pending:
-                    if self.closed:
-                        conn.close()
-                        return
-                    self.cond.wait(0.1)
-                due, _, item = heapq.heappop(self.pending)
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+            with self.cond:  # wait for the earliest due poll on the condition: a poll pushed meanwhile with
+                while True:  # an earlier due time (a new probe) must not wait behind one due later
+                    if not self.pending:
+                        if self.closed:
+                            conn.close()
+                            return
+                        self.cond.wait(0.1)
+                        continue
+                    delay = self.pending[0][0] - time.perf_counter()
+                    if delay <= 0:
+                        break
+                    self.cond.wait(delay)
+                _, _, item = heapq.heappop(self.pending)
             sent, i, user, phase, second, baseline = item
             if phase == 1:  # settled: read the baseline, then produce the second play
                 body, conn = self.fetch(conn, user, exclude_streamed=False)
@@ -454,6 +460,7 @@ def measure_freshness(
         "probes": len(latencies),
         **latency_summary(latencies),
         "existing": latency_summary(existing),
+        "produce_ack": latency_summary(list(prober.acked)),
         "latencies": latencies,  # per probe, in send order (None = lost)
         "latencies_existing": existing,
         "mean_polls": prober.polls / max(1, len(latencies)),
@@ -525,6 +532,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| **existing users: freshness p99** / max ({e['answered']}/{f['probes']} answered) | "
             f"**{e['p99'] * 1000:,.0f} ms** / {e['max'] * 1000:,.0f} ms | <= {TARGET_P99_S * 1000:,.0f} ms "
             f"{'(met)' if e['p99'] <= TARGET_P99_S and not e['timeouts'] else '(missed)'} |",
+            f"| probe plays, send -> broker ack: p50 / p99 / max | {f['produce_ack']['p50'] * 1000:,.0f} / "
+            f"{f['produce_ack']['p99'] * 1000:,.0f} / {f['produce_ack']['max'] * 1000:,.0f} ms | |",
             f"| polls per probe (mean) / worker time answering them | {f['mean_polls']:.1f} / "
             f"{f['request_seconds']:.2f} s for {f['requests']:,.0f} requests "
             f"({1000 * f['request_seconds'] / max(1, f['requests']):.2f} ms each) | |",
@@ -622,6 +631,10 @@ def run(args: argparse.Namespace, bootstrap: str, broker_note: str, tmp: Path) -
         for w in extra:
             w.stop()
         worker.stop()
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for w in (worker, *extra):
+                shutil.copy(w.log_path, args.logs / f"{run_id}-{w.log_path.name}")
     result["uptime_after"] = uptime()
     return result
 
@@ -663,6 +676,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--load-warmup", type=float, default=3.0, help="seconds of load before the first probe")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy raw profiles of the worker here")
+    parser.add_argument("--logs", type=Path, default=None, help="copy the workers' logs into this directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the full result as JSON")
     args = parser.parse_args(argv)
     args.argv = argv
