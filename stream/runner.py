@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 
 from stream.settings import WorkerSettings
 from stream.topics import ensure_topics
@@ -32,7 +33,32 @@ def tune_gc() -> None:
     gc.freeze()
     _gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.callbacks.append(_GcPauses().callback)
     log.info("gc: %d start-up objects frozen, gen0 threshold %d", gc.get_freeze_count(), GC_GEN0_THRESHOLD)
+
+
+#: A garbage collection that stops every thread of the worker for longer than this is logged.
+GC_PAUSE_WARN_S = 0.1
+
+
+class _GcPauses:
+    """gc.callbacks hook: logs collections that pause the worker (every thread waits for them)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        paused = time.perf_counter() - self.started
+        if paused > GC_PAUSE_WARN_S:
+            log.warning(
+                "garbage collection of generation %d paused the worker for %.2f s (%d objects collected)",
+                info["generation"],
+                paused,
+                info["collected"],
+            )
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
