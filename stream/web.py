@@ -127,23 +127,6 @@ def register_views(worker: StreamWorker) -> None:
     def streamed_counts(user: str) -> dict[str, int]:
         return worker.user_state(user).counts
 
-    def user_vector(user: str, counts: dict[str, int]):
-        """(vector, source) for a user: fold-in vector, model row, on-the-fly fold-in, or none."""
-        live = live_model()
-        stored = worker.user_state(user)
-        if stored.vector is not None and stored.version == live.version:
-            return stored.vector, "fold-in"
-        row = live.model_user_vector(user)
-        if row is not None and not counts:
-            return row, "model"
-        if counts:
-            solved = live.fold_in_users({user: live.full_counts(user, counts)})
-            if user in solved:
-                return solved[user], "fold-in"
-        if row is not None:
-            return row, "model"
-        return None, "popularity"
-
     @app.page("/users/{user}/recommendations")
     class UserRecommendations(Api):
         route_name = "user_recommendations"
@@ -156,7 +139,7 @@ def register_views(worker: StreamWorker) -> None:
             exclude_streamed = parse_bool(request, "exclude_streamed", True)
             live = live_model()
             counts = streamed_counts(user)
-            vector, source = user_vector(user, counts)
+            vector, source = worker.serving_vector(live, user, counts)
             exclude = set(live.full_counts(user, counts)) if exclude_streamed else set()
             recs = live.popular_for(k, exclude) if vector is None else live.recommend(vector, k, exclude)
             return self.json({"user": user, "source": source, "version": live.version, "items": items(recs)})

@@ -45,7 +45,7 @@ from stream.codec import (
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
-from stream.live_model import LiveModel, UserChange
+from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
@@ -62,6 +62,8 @@ STATE_CACHE_USERS = 500_000
 #: Events counted but not yet folded in and written after which counting waits for the running fold-in
 #: (bounds the batches held unacked; fold-ins merge whatever was counted while the previous one ran).
 MAX_UNFOLDED_EVENTS = 200_000
+#: Rows a fold-in prepares for its changelog write between two yields to the event loop (counting, requests).
+WRITE_YIELD_USERS = 1000
 
 
 class StreamWorker:
@@ -83,6 +85,10 @@ class StreamWorker:
         #: users whose counts dicts the running fold-in reads (counting copies them before a change)
         self._frozen: set[str] = set()
         self._replaced: dict[str, np.ndarray | None] = {}  # user -> vector before the running fold-in
+        #: fold-ins started so far; user -> the fold-in that will first reflect streams counted for the user
+        #: (a user listed here has a vector behind their counts: requests solve them on the fly)
+        self._fold_seq = 0
+        self._stale: dict[str, int] = {}
         #: user -> decoded row, ahead of the table's store by the users counted but not yet written
         #: (rows are written when their fold-in finishes, before their batches are acked).
         self._states: dict[str, UserState] = {}
@@ -267,6 +273,7 @@ class StreamWorker:
         if generation != self._states_generation or len(self._states) > STATE_CACHE_USERS:
             await self.drain_fold_ins()
             self._states.clear()
+            self._stale.clear()
             self._states_generation = generation
 
     async def on_plays(self, batch: list[Any]) -> asyncio.Future | None:
@@ -312,6 +319,7 @@ class StreamWorker:
         cached = self._cached_state
         frozen = self._frozen
         pending = self._pending
+        stale, next_fold = self._stale, self._fold_seq + 1
         for user, plays in events.items():
             state = cached(user)
             offset = state.offset
@@ -327,11 +335,14 @@ class StreamWorker:
             if entry is None:
                 entry = pending[user] = _Pending(offset, {}, partitions[user])
             added = entry.added
+            before = streams
             for _, track, ms_played in fresh:
                 if ms_played >= MIN_MS_PLAYED:
                     added[track] = added.get(track, 0) + 1
                     counts[track] = counts.get(track, 0) + 1
                     streams += 1
+            if streams > before:
+                stale[user] = next_fold
             self._states[user] = state._replace(counts=counts, offset=fresh[-1][0])
         self.metrics.events.inc(applied)
         self.metrics.streams.inc(streams)
@@ -352,9 +363,25 @@ class StreamWorker:
         pending, self._pending = self._pending, {}
         done, self._pending_done = self._pending_done, None
         self._unfolded_events = 0
+        self._fold_seq += 1
         states = {user: self._states[user] for user in pending}
         self._frozen = set(states)  # their counts dicts are read by the fold-in: counting copies them
-        self._fold_task = asyncio.ensure_future(self._fold_in(self.live, states, pending, done))
+        self._fold_task = asyncio.ensure_future(self._fold_in(self.live, states, pending, done, self._fold_seq))
+
+    def serving_vector(self, live: LiveModel, user: str, counts: Mapping[str, int]) -> tuple[np.ndarray | None, str]:
+        """The vector that answers for `user` (streamed `counts`) and its source: "fold-in" (the stored
+        fold-in vector, or one solved here from the user's counts when there is none yet or streams were
+        counted that the background fold-in has not published: an answer always reflects every play
+        counted), "model" (the model's row: no streams counted) or "popularity" (None: no known track)."""
+        stored = self.user_state(user)
+        if stored.vector is not None and stored.version == live.version and user not in self._stale:
+            return stored.vector, "fold-in"
+        row = live.model_user_vector(user)
+        if counts:
+            solved = live.fold_in_users({user: live.full_counts(user, counts)})
+            if user in solved:
+                return solved[user], "fold-in"
+        return (None, "popularity") if row is None else (row, "model")
 
     def plays_ready(self) -> bool:
         """Whether `on_plays` can take a batch without waiting (fold-ins have not fallen behind)."""
@@ -386,6 +413,7 @@ class StreamWorker:
         owner's rows). The decoded rows are dropped: the next generation refills them from the store."""
         await self.drain_fold_ins()
         self._states.clear()
+        self._stale.clear()
         self._states_generation = None
 
     async def _dead_letter(self, message: Any, reason: str) -> None:
@@ -402,13 +430,14 @@ class StreamWorker:
         states: dict[str, UserState],
         pending: dict[str, _Pending],
         done: asyncio.Future | None,
+        seq: int,
     ) -> None:
-        """Solve the pending users' vectors (off the event loop), write every row once (counts, offset,
-        vector) and make it durable, then resolve `done` (the completion of the batches counted into
-        `pending`) and start the next fold-in if users were counted meanwhile. A failed solve is logged
-        (the counts are still written); a failed write fails `done` (those batches are not acked)."""
+        """Fold-in number `seq`: solve the pending users' vectors (off the event loop), write every row once
+        (counts, offset, vector) and make it durable, then resolve `done` (the completion of the batches
+        counted into `pending`) and start the next fold-in if users were counted meanwhile. A failed solve
+        is logged (the counts are still written); a failed write fails `done` (those batches are not acked)."""
         try:
-            vectors = await self._solve_and_write(live, states, pending)
+            vectors = await self._solve_and_write(live, states, pending, seq)
         except BaseException as exc:
             if done is not None and not done.done():
                 done.set_exception(exc)
@@ -422,27 +451,25 @@ class StreamWorker:
             self._start_fold_in()
 
     async def _solve_and_write(
-        self, live: LiveModel | None, states: dict[str, UserState], pending: dict[str, _Pending]
+        self, live: LiveModel | None, states: dict[str, UserState], pending: dict[str, _Pending], seq: int
     ) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        added = {user: entry.added for user, entry in pending.items() if entry.added}
         vectors: dict[str, np.ndarray] = {}
+        rows: dict[str, bytes] = {}
         if live is not None:
             for user, entry in pending.items():
                 if not entry.added:  # the offset moved without streams: a cached system stays valid
                     live.advance(user, entry.before, states[user].offset)
-        if live is not None and added:
-            changes = {
-                user: live.change(user, pending[user].before, states[user].offset, new, states[user].counts)
-                for user, new in added.items()
-            }
-            full = _FullCounts(live, {user: states[user] for user in added})  # frozen dicts: read in the thread
-            vectors = await self._solve(live, full, changes)
+            if any(entry.added for entry in pending.values()):
+                vectors, rows = await self._solve(live, states, pending, seq)
         entries, olds, news = [], [], []
-        swapped = self.live is not live
+        swapped = self.live is not live  # the rows packed with the fold-in's vectors may be stale: repack
         replaced = self._replaced
         self._replaced = {}
-        for user, state in states.items():
+        stale = self._stale
+        for i, (user, state) in enumerate(states.items(), 1):
+            if stale.get(user) == seq:
+                del stale[user]  # (a user without known tracks: no vector, the fallback serves them)
             vector = vectors.get(user)
             current = self._states.get(user, state)  # may hold counts of batches counted since (consistent)
             if vector is not None and not (
@@ -457,16 +484,19 @@ class StreamWorker:
                 current = current._replace(version=live.version, vector=vector)
                 if user in self._states:
                     self._states[user] = current  # the recommendations reflect the plays from here on
-            entries.append((user.encode(), pack_user(current), pending[user].partition))
+            row = None if swapped else rows.get(user)
+            entries.append((user.encode(), pack_user(current) if row is None else row, pending[user].partition))
+            if i % WRITE_YIELD_USERS == 0:
+                await asyncio.sleep(0)  # let counting and requests in
         if news:
             live.users_moved(np.stack(olds), np.stack(news))
         await self.user_writer.write(entries)
         self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))
         # plays of tracks the model does not know go to the track side, with the listener's vector
-        for user, tracks in added.items() if live is not None else ():
+        for user, entry in pending.items() if live is not None else ():
             vector = vectors.get(user)
-            for track in tracks:
+            for track in entry.added:
                 if track in live.item_index:
                     continue
                 body = {
@@ -479,12 +509,14 @@ class StreamWorker:
         return vectors
 
     async def _solve(
-        self, live: LiveModel, full: Mapping[str, Mapping[str, float]], changes: dict[str, UserChange]
-    ) -> dict[str, np.ndarray]:
-        """`live.fold_in_users` in a thread; each group's vectors are published on the event loop as soon
-        as it is solved (`self._replaced` keeps the vectors they replaced, for `users_moved`)."""
+        self, live: LiveModel, states: dict[str, UserState], pending: dict[str, _Pending], seq: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+        """In a thread: the users' changes, `live.fold_in_users` and the packed rows (the fold-in's counts
+        with the new vectors: those dicts are frozen while it runs). Each group of vectors is published on
+        the event loop as soon as it is solved (`self._replaced` keeps the vectors they replaced, for
+        `users_moved`). Returns ({user: vector}, {user: packed row})."""
         loop = asyncio.get_running_loop()
-        replaced = self._replaced
+        replaced, stale = self._replaced, self._stale
 
         def publish(solved: dict[str, np.ndarray]) -> None:
             """On the event loop: recommendations reflect the plays from here on (the rows reach the
@@ -498,15 +530,33 @@ class StreamWorker:
                 if user not in replaced:
                     replaced[user] = current.vector if current.version == live.version else live.model_user_vector(user)
                 self._states[user] = current._replace(version=live.version, vector=vector)
+                if stale.get(user) == seq:
+                    del stale[user]
 
         def on_solved(solved: dict[str, np.ndarray]) -> None:  # fold-in thread
             loop.call_soon_threadsafe(publish, solved)
 
-        try:
-            return await loop.run_in_executor(None, live.fold_in_users, full, changes, on_solved)
-        except Exception:
-            log.exception("fold-in failed; its users are folded in again on their next plays")
-            return {}
+        def fold() -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+            """Reads only the fold-in's own `states` and `pending` (handed over, frozen)."""
+            changes = {
+                user: live.change(user, entry.before, states[user].offset, entry.added, states[user].counts)
+                for user, entry in pending.items()
+                if entry.added
+            }
+            full = _FullCounts(live, {user: states[user] for user in changes})
+            try:
+                vectors = live.fold_in_users(full, changes, on_solved)
+            except Exception:
+                log.exception("fold-in failed; its users are folded in again on their next plays")
+                vectors = {}
+            version = live.version
+            rows = {
+                user: pack_user(state if user not in vectors else state._replace(version=version, vector=vectors[user]))
+                for user, state in states.items()
+            }
+            return vectors, rows
+
+        return await loop.run_in_executor(None, fold)
 
     # -- new tracks ----------------------------------------------------------------------------
     async def on_track_plays(self, batch: list[Any]) -> None:
