@@ -17,10 +17,12 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(STAMP)
 	$(VENV)/bin/playrec demo --data $(DATA)

@@ -275,16 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         prod = produce_plays(
             bootstrap, topic, make_events(args.events, args.users, args.tracks), partitions=args.partitions
         )
-        log.info("produced %d events to %s in %.1f s (%.0f/s)", prod["count"], topic, prod["seconds"],
-                 prod["count"] / prod["seconds"])
+        log.info(
+            "produced %d events to %s in %.1f s (%.0f/s)",
+            prod["count"],
+            topic,
+            prod["seconds"],
+            prod["count"] / prod["seconds"],
+        )
         results = []
         for mode in args.modes:
             res = run_mode(bootstrap, topic, mode, args.events, args, tmp)
             log.info("%s", res)
             results.append(res)
         by_mode = {r["mode"]: r for r in results}
-        print(f"\n{args.events} events, {args.partitions} partitions, users={args.users}, tracks={args.tracks}, "
-              f"max_batch={args.max_batch}, max_latency={args.max_latency}s, cpus={os.cpu_count()}")
+        print(
+            f"\n{args.events} events, {args.partitions} partitions, users={args.users}, tracks={args.tracks}, "
+            f"max_batch={args.max_batch}, max_latency={args.max_latency}s, cpus={os.cpu_count()}"
+        )
         print(f"{'mode':<16}{'median ev/s':>14}{'overall ev/s':>14}{'batches':>10}")
         for r in results:
             med = f"{r['median_eps']:.0f}" if r["median_eps"] else "-"

@@ -338,8 +338,10 @@ class BatchingConsumerMixin:
         # acked, so a graceful stop never leaves half a batch in the changelog uncommitted.
         await asyncio.shield(task)
         commit_every = me._commit_every
-        if commit_every is not None and me._n_acked >= commit_every and (
-            self._ingest_commit is None or self._ingest_commit.done()
+        if (
+            commit_every is not None
+            and me._n_acked >= commit_every
+            and (self._ingest_commit is None or self._ingest_commit.done())
         ):
             # in the background: a commit flushes the producer (a fold-in's changelog batch) and waits
             # for any commit in progress, which blocked the drain loop (counting) for up to ~2 s
