@@ -264,7 +264,8 @@ class Prober:
        second play (another artist) and poll until the answer differs: the background fold-in took
        the play and published the new vector (fetch + counting + fold-in).
 
-    ``pollers`` threads share the pending polls (a deque ordered by due time); each probe is polled
+    ``pollers`` threads share the pending polls (a heap ordered by due time; a thread waits on the condition
+    until the earliest poll is due, so a new probe never waits behind a poll due later); each probe is polled
     every ``poll_s`` (or 5% of its age once that is longer: +-2.5% resolution), over one keep-alive
     connection per thread, so a worker that falls behind is not buried in polls.
     """
@@ -475,6 +476,8 @@ def measure_freshness(
             if batches
             else float("nan")
         ),
+        "fold_ins": after.get("playrec_fold_in_seconds_count", 0) - before.get("playrec_fold_in_seconds_count", 0),
+        "fold_in_seconds": after.get("playrec_fold_in_seconds_sum", 0) - before.get("playrec_fold_in_seconds_sum", 0),
         "lag_after": after.get("playrec_consumer_lag", float("nan")),
         "requests": after.get("playrec_request_seconds_count", 0) - before.get("playrec_request_seconds_count", 0),
         "request_seconds": after.get("playrec_request_seconds_sum", 0) - before.get("playrec_request_seconds_sum", 0),
@@ -532,6 +535,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| **existing users: freshness p99** / max ({e['answered']}/{f['probes']} answered) | "
             f"**{e['p99'] * 1000:,.0f} ms** / {e['max'] * 1000:,.0f} ms | <= {TARGET_P99_S * 1000:,.0f} ms "
             f"{'(met)' if e['p99'] <= TARGET_P99_S and not e['timeouts'] else '(missed)'} |",
+            f"| background fold-ins (durable vectors): count / mean duration | {f['fold_ins']:,.0f} / "
+            f"{f['fold_in_seconds'] / max(1, f['fold_ins']):.2f} s | |",
             f"| probe plays, send -> broker ack: p50 / p99 / max | {f['produce_ack']['p50'] * 1000:,.0f} / "
             f"{f['produce_ack']['p99'] * 1000:,.0f} / {f['produce_ack']['max'] * 1000:,.0f} ms | |",
             f"| polls per probe (mean) / worker time answering them | {f['mean_polls']:.1f} / "
