@@ -488,6 +488,7 @@ class StreamWorker:
             entries.append((user.encode(), pack_user(current) if row is None else row, pending[user].partition))
             if i % WRITE_YIELD_USERS == 0:
                 await asyncio.sleep(0)  # let counting and requests in
+                swapped = self.live is not live  # (a model swap may have happened meanwhile)
         if news:
             live.users_moved(np.stack(olds), np.stack(news))
         await self.user_writer.write(entries)
