@@ -1,6 +1,6 @@
 """The stream's per-user state row (table `user-state`), shared by the workers that write it and the
 batch snapshot that trains on it: msgpack `{"c": {track: streams}, "v": version, "x": float32 LE bytes,
-"o": last applied plays offset}`."""
+"o": last applied plays offset[, "e": [event ids of the user's latest applied plays]]}`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class UserState(NamedTuple):
     version: str | None = None
     vector: np.ndarray | None = None
     offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
+    recent: tuple[str, ...] = ()  # event ids of the latest applied plays that had one, oldest first
 
 
 def changelog_topic(app_id: str) -> str:
@@ -34,7 +35,10 @@ def changelog_topic(app_id: str) -> str:
 def pack_user(state: UserState) -> bytes:
     """One table value per user, so a batch writes one changelog record per changed user."""
     vector = None if state.vector is None else np.asarray(state.vector, dtype="<f4").tobytes()
-    return msgpack.packb({"c": state.counts, "v": state.version, "x": vector, "o": state.offset})
+    body = {"c": state.counts, "v": state.version, "x": vector, "o": state.offset}
+    if state.recent:
+        body["e"] = state.recent
+    return msgpack.packb(body)
 
 
 def unpack_user(raw: bytes | None) -> UserState:
@@ -45,9 +49,11 @@ def unpack_user(raw: bytes | None) -> UserState:
         body = msgpack.unpackb(raw, **_LIMITS)
         counts = body["c"]
         vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
-        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)))
+        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)), tuple(body.get("e", ())))
     except Exception as exc:
         raise UserStateError(f"not a user-state record: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if not all(isinstance(e, str) for e in state.recent):
+        raise UserStateError("not a user-state record: recent event ids must be strings")
     if not isinstance(counts, dict) or not all(
         isinstance(t, str) and type(c) is int and c >= 0 for t, c in counts.items()
     ):

@@ -13,6 +13,11 @@ class WorkerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.events = Counter("playrec_events_processed", "Valid play events applied to the counts", registry=r)
+        self.duplicates = Counter(
+            "playrec_duplicate_events",
+            "Plays skipped because their event_id repeats one of the user's latest applied plays",
+            registry=r,
+        )
         self.streams = Counter("playrec_streams_counted", "Plays that counted as streams (>= 30 s)", registry=r)
         self.dead_letters = Counter(
             "playrec_dead_letters", "Invalid events sent to the dead-letter topic", ["kind"], registry=r
@@ -27,7 +32,7 @@ class WorkerMetrics:
         )
         self.fold_in_seconds = Histogram(
             "playrec_fold_in_seconds",
-            "Time to fold in the users of one micro-batch and store their vectors",
+            "Time of one background fold-in: solve and write the users counted since the previous one",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -62,6 +62,9 @@ STATE_CACHE_USERS = 500_000
 #: Events counted but not yet folded in and written after which counting waits for the running fold-in
 #: (bounds the batches held unacked; fold-ins merge whatever was counted while the previous one ran).
 MAX_UNFOLDED_EVENTS = 200_000
+#: Event ids remembered per user (in the user's row) to skip a play a client sends again: a listener
+#: streams at most ~2 plays a minute, so this spans a client's retries by a wide margin.
+RECENT_EVENT_IDS = 64
 #: Rows a fold-in prepares for its changelog write between two yields to the event loop (counting, requests).
 WRITE_YIELD_USERS = 1000
 
@@ -310,12 +313,12 @@ class StreamWorker:
                     "produce with the default (murmur2) partitioner",
                 )
                 continue
-            events[event.user].append((message.offset, event.track, event.ms_played))
+            events[event.user].append((message.offset, event.track, event.ms_played, event.event_id))
             partitions[event.user] = message.partition
         if self._unfolded_events >= MAX_UNFOLDED_EVENTS:  # fold-ins fell behind: wait for the one running
             await self._wait_fold_task()
         await self._check_state_cache()
-        applied = streams = 0
+        applied = streams = duplicates = 0
         cached = self._cached_state
         frozen = self._frozen
         pending = self._pending
@@ -326,7 +329,6 @@ class StreamWorker:
             fresh = fresh_plays(plays, offset)
             if not fresh:
                 continue  # re-delivered after a crash: already counted
-            applied += len(fresh)
             counts = state.counts  # the cached row's dict, updated in place ...
             if user in frozen:  # ... unless the running fold-in reads it: copy on write (once)
                 counts = dict(counts)
@@ -336,15 +338,24 @@ class StreamWorker:
                 entry = pending[user] = _Pending(offset, {}, partitions[user])
             added = entry.added
             before = streams
-            for _, track, ms_played in fresh:
+            recent = state.recent
+            for _, track, ms_played, event_id in fresh:
+                if event_id is not None:  # a client's re-send of a play already applied is skipped
+                    if event_id in recent:
+                        duplicates += 1
+                        continue
+                    recent = (*recent[1 - RECENT_EVENT_IDS :], event_id)
+                applied += 1
                 if ms_played >= MIN_MS_PLAYED:
                     added[track] = added.get(track, 0) + 1
                     counts[track] = counts.get(track, 0) + 1
                     streams += 1
             if streams > before:
                 stale[user] = next_fold
-            self._states[user] = state._replace(counts=counts, offset=fresh[-1][0])
+            self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
         self.metrics.events.inc(applied)
+        if duplicates:
+            self.metrics.duplicates.inc(duplicates)
         self.metrics.streams.inc(streams)
         self.metrics.batch_events.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -691,8 +702,8 @@ class StreamWorker:
             log.debug("lag update failed", exc_info=True)
 
 
-def fresh_plays(plays: list[tuple[int, str, int]], applied: int) -> list[tuple[int, str, int]]:
-    """The plays `(offset, track, ms_played)` of one user still to count, each record once: offsets above
+def fresh_plays(plays: list[tuple], applied: int) -> list[tuple]:
+    """The plays `(offset, track, ms_played, event_id)` of one user still to count, each record once: offsets above
     `applied` (the user's last applied offset: a batch re-delivered after a crash is skipped) and above
     every earlier kept one (a record fetched twice, e.g. after a seek, since faust's read offset lets the
     last delivered record through again, can sit twice in one batch)."""

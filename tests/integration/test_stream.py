@@ -82,8 +82,10 @@ def env(kafka_bootstrap, tmp_path_factory):
         worker.stop()
 
 
-def send_play(env, user: str, track: str, ms_played: int = 200_000, expected: bool = True) -> None:
-    key, value = encode_play(user, track, NOW_MS, ms_played)
+def send_play(
+    env, user: str, track: str, ms_played: int = 200_000, expected: bool = True, event_id: str | None = None
+) -> None:
+    key, value = encode_play(user, track, NOW_MS, ms_played, event_id)
     env["producer"].send(env["prefix"] + "plays", key=key, value=value)
     shared = env["shared"]
     shared.n_valid += 1
@@ -188,6 +190,30 @@ def test_model_hot_swap(env):
     assert worker.request("/tracks/fresh-track/similar?k=3")[0] == 200  # folded-in tracks survive the swap
 
 
+def send_again(env, user: str, track: str, event_id: str) -> None:
+    """A client re-sending a play it already sent (same event id): a new record, not a new play."""
+    key, value = encode_play(user, track, NOW_MS, 200_000, event_id)
+    env["producer"].send(env["prefix"] + "plays", key=key, value=value)
+
+
+def test_a_play_sent_again_is_counted_once(env):
+    shared = env["shared"]
+    worker = shared.worker
+    processed = worker.metric("playrec_events_processed_total")
+    for i, track in enumerate(["t1", "t2", "t3"]):
+        send_play(env, "resender", track, event_id=f"play-{i}")
+    send_again(env, "resender", "t1", "play-0")
+    send_again(env, "resender", "t2", "play-1")
+    for _ in range(2):  # no event id: two plays
+        send_play(env, "resender", "t4")
+    env["producer"].flush()
+    wait_for(lambda: worker.metric("playrec_duplicate_events_total") >= 2, 60, "the re-sent plays")
+    wait_for(lambda: worker.metric("playrec_events_processed_total") >= processed + 5, 60, "the plays")
+    assert worker.metric("playrec_duplicate_events_total") == 2
+    assert worker.metric("playrec_events_processed_total") == processed + 5
+    assert worker.get("/users/resender/plays")["plays"] == {"t1": 1, "t2": 1, "t3": 1, "t4": 2}
+
+
 def test_restart_recovers_tables_exactly(env):
     shared = env["shared"]
     shared.worker.stop()
@@ -196,6 +222,11 @@ def test_restart_recovers_tables_exactly(env):
     for user, counts in shared.expected.items():
         got = wait_for(lambda u=user: worker.get(f"/users/{u}/plays")["plays"] or None, 30, f"counts of {user}")
         assert got == counts, user
+    # the event ids a user's row remembers survive the restart: a re-send is still recognised
+    send_again(env, "resender", "t3", "play-2")
+    env["producer"].flush()
+    wait_for(lambda: worker.metric("playrec_duplicate_events_total") >= 1, 60, "the re-sent play")
+    assert worker.get("/users/resender/plays")["plays"] == shared.expected["resender"]
 
 
 def test_two_workers_split_partitions_and_take_over(env):

@@ -1,4 +1,5 @@
-"""Which vector answers for a user while the background fold-in is behind (StreamWorker.serving_vector).
+"""A stream worker's handling of batches, offline: which vector answers for a user while the background
+fold-in is behind (StreamWorker.serving_vector), and plays a client sends again (event ids).
 
 The worker is built offline (no broker is contacted before it starts); batches go through `on_plays`
 as the ingest hands them over, and the changelog write at the end of a fold-in is captured in memory.
@@ -52,14 +53,20 @@ def worker(store_path, tmp_path):
     return worker
 
 
-def batch(worker: StreamWorker, user: str, tracks: list[str], first_offset: int) -> list[Record]:
+def batch(
+    worker: StreamWorker, user: str, tracks: list[str], first_offset: int, event_ids: list[str | None] | None = None
+) -> list[Record]:
     key = user.encode()
     partition = worker.partitioner(key)
     records = []
     for i, track in enumerate(tracks):
-        _, value = encode_play(user, track, 1_700_000_000_000, 200_000)
+        _, value = encode_play(user, track, 1_700_000_000_000, 200_000, event_ids[i] if event_ids else None)
         records.append(Record(worker.topics.plays, partition, first_offset + i, key, value))
     return records
+
+
+def metric(worker: StreamWorker, name: str) -> float:
+    return worker.metrics.registry.get_sample_value(name) or 0.0
 
 
 def exact(worker: StreamWorker, user: str) -> np.ndarray:
@@ -117,3 +124,50 @@ def test_a_new_user_is_solved_on_request_from_their_first_streams(worker):
         assert worker.serving_vector(live, "newcomer", counts)[0] is worker.user_state("newcomer").vector
 
     asyncio.run(scenario())
+
+
+def test_a_play_sent_again_is_counted_once(worker, store_path, tmp_path):
+    async def scenario():
+        ids = ["a", "b", "a", None, None, "c", "b"]  # "a" and "b" sent twice; id-less plays always count
+        await worker.on_plays(batch(worker, "u3", ["t1", "t2", "t1", "t4", "t4", "t5", "t2"], 0, ids))
+        await worker.on_plays(batch(worker, "u3", ["t5"], 7, ["c"]))  # again, in a later batch
+        await worker.drain_fold_ins()
+        assert worker.user_state("u3").counts == {"t1": 1, "t2": 1, "t4": 2, "t5": 1}
+        assert metric(worker, "playrec_duplicate_events_total") == 3
+        assert metric(worker, "playrec_events_processed_total") == 5
+        return worker.users.data[b"u3"]
+
+    row = asyncio.run(scenario())
+    assert unpack_user(row).recent == ("a", "b", "c")
+
+    # a restarted worker recovers the ids with the row: a re-send after the restart is still skipped
+    again = StreamWorker(WorkerSettings(bootstrap="127.0.0.1:9", store=store_path, data_dir=tmp_path / "again"))
+    again.users.data[b"u3"] = row
+    again.user_writer.write = worker.user_writer.write
+
+    async def after_restart():
+        await again.on_plays(batch(again, "u3", ["t1", "t6"], 8, ["a", "d"]))
+        await again.drain_fold_ins()
+
+    asyncio.run(after_restart())
+    assert again.user_state("u3").counts == {"t1": 1, "t2": 1, "t4": 2, "t5": 1, "t6": 1}
+    assert metric(again, "playrec_duplicate_events_total") == 1
+
+
+def test_event_ids_are_remembered_per_user_up_to_a_bound(worker):
+    from stream.worker import RECENT_EVENT_IDS
+
+    async def scenario():
+        n = RECENT_EVENT_IDS + 1
+        await worker.on_plays(batch(worker, "u4", ["t1"] * n, 0, [f"e{i}" for i in range(n)]))
+        await worker.on_plays(batch(worker, "u5", ["t1"], 0, ["e1"]))  # ids are per user
+        # the oldest id has left the window (a re-send that late counts again); the others are still known
+        await worker.on_plays(batch(worker, "u4", ["t1", "t1"], n, ["e1", "e0"]))
+        await worker.drain_fold_ins()
+
+    asyncio.run(scenario())
+    state = worker.user_state("u4")
+    assert len(state.recent) == RECENT_EVENT_IDS and state.recent[-1] == "e0"
+    assert state.counts == {"t1": RECENT_EVENT_IDS + 2}  # all but the re-sent "e1"
+    assert worker.user_state("u5").counts == {"t1": 1}
+    assert metric(worker, "playrec_duplicate_events_total") == 1
