@@ -124,8 +124,11 @@ async def _producer(bootstrap: str) -> Any:
     return producer
 
 
-async def produce_bulk(bootstrap: str, topic: str, events: int, seed: int, run: str, partitions: int) -> dict:
-    """Produce ``events`` events as fast as possible; return count and seconds."""
+async def produce_bulk(
+    bootstrap: str, topic: str, events: int, seed: int, run: str, partitions: int, event_ids: bool = False
+) -> dict:
+    """Produce ``events`` events as fast as possible (each with a unique ``event_id`` if ``event_ids``);
+    return count and seconds."""
     from stream.events import encode_play
 
     source = EventSource(run, seed)
@@ -138,7 +141,7 @@ async def produce_bulk(bootstrap: str, topic: str, events: int, seed: int, run: 
             user, artist = draw()
             if i % 1024 == 0:
                 now_ms = int(time.time() * 1000)
-            key, value = encode_play(user, artist, now_ms, MS_PLAYED)
+            key, value = encode_play(user, artist, now_ms, MS_PLAYED, f"{run}-{seed}-{i}" if event_ids else None)
             await sender.add(key, value)
         await sender.flush()
     finally:
@@ -148,7 +151,15 @@ async def produce_bulk(bootstrap: str, topic: str, events: int, seed: int, run: 
 
 
 async def produce_rate(
-    bootstrap: str, topic: str, rate: float, seed: int, run: str, partitions: int, stop: threading.Event, tick: float
+    bootstrap: str,
+    topic: str,
+    rate: float,
+    seed: int,
+    run: str,
+    partitions: int,
+    stop: threading.Event,
+    tick: float,
+    event_ids: bool = False,
 ) -> dict:
     """Produce at ``rate`` events/s (in ``tick``-second slices) until ``stop`` is set."""
     from stream.events import encode_play
@@ -167,7 +178,8 @@ async def produce_rate(
             now_ms = int(time.time() * 1000)
             for _ in range(due):
                 user, artist = draw()
-                key, value = encode_play(user, artist, now_ms, MS_PLAYED)
+                event_id = f"{run}-{seed}-r{sender.count}" if event_ids else None
+                key, value = encode_play(user, artist, now_ms, MS_PLAYED, event_id)
                 await sender.add(key, value)
             for p, builder in list(sender.builders.items()):  # ship every tick: no extra latency
                 if builder.record_count():
@@ -198,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20_000.0, help="rate: events per second")
     parser.add_argument("--tick", type=float, default=0.01, help="rate: seconds per produce slice")
     parser.add_argument("--duration", type=float, default=None, help="rate: stop after this many seconds")
+    parser.add_argument("--event-ids", type=int, default=0, help="1: every event carries a unique event_id")
     args = parser.parse_args(argv)
+    ids = bool(args.event_ids)
     if args.mode == "bulk":
         result = asyncio.run(
-            produce_bulk(args.bootstrap, args.topic, args.events, args.seed, args.run, args.partitions)
+            produce_bulk(args.bootstrap, args.topic, args.events, args.seed, args.run, args.partitions, ids)
         )
     else:
         stop = threading.Event()
@@ -215,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
         threading.Thread(target=wait_for_stop, daemon=True).start()
         result = asyncio.run(
-            produce_rate(args.bootstrap, args.topic, args.rate, args.seed, args.run, args.partitions, stop, args.tick)
+            produce_rate(
+                args.bootstrap, args.topic, args.rate, args.seed, args.run, args.partitions, stop, args.tick, ids
+            )
         )
     print(json.dumps(result), flush=True)
     return 0

@@ -103,13 +103,24 @@ def load_cmd(mode: str, bootstrap: str, topic: str, run: str, seed: int, **flags
     return cmd
 
 
-def produce_bulk(bootstrap: str, topic: str, run: str, events: int, producers: int, partitions: int) -> dict:
+def produce_bulk(
+    bootstrap: str, topic: str, run: str, events: int, producers: int, partitions: int, event_ids: bool = False
+) -> dict:
     """Pre-produce ``events`` with ``producers`` processes in parallel; return totals."""
     shares = [events // producers + (1 if i < events % producers else 0) for i in range(producers)]
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            load_cmd("bulk", bootstrap, topic, run, seed=1000 + i, events=share, partitions=partitions),
+            load_cmd(
+                "bulk",
+                bootstrap,
+                topic,
+                run,
+                seed=1000 + i,
+                events=share,
+                partitions=partitions,
+                event_ids=int(event_ids),
+            ),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -418,7 +429,7 @@ def measure_freshness(
     seconds = [rows[int(rng.random() * len(rows))] for _ in range(args.probes)]
     clients = [MetricsClient(w.port) for w in workers]
     load = subprocess.Popen(
-        load_cmd("rate", bootstrap, topic, run, seed=2000, rate=args.load_rate),
+        load_cmd("rate", bootstrap, topic, run, seed=2000, rate=args.load_rate, event_ids=int(args.event_ids)),
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -582,7 +593,9 @@ def run(args: argparse.Namespace, bootstrap: str, broker_note: str, tmp: Path) -
         "args": {k: v for k, v in vars(args).items() if k != "argv" and not isinstance(v, Path)},
     }
     print(f"run {run_id}: producing {args.events:,} events to {topic} ...", flush=True)
-    result["produce"] = produce_bulk(bootstrap, topic, run_id, args.events, args.producers, args.partitions)
+    result["produce"] = produce_bulk(
+        bootstrap, topic, run_id, args.events, args.producers, args.partitions, args.event_ids
+    )
     print(f"  {result['produce']['rate']:,.0f} events/s in {result['produce']['seconds']:.1f} s", flush=True)
 
     worker = WorkerProcess(
@@ -681,6 +694,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--load-warmup", type=float, default=3.0, help="seconds of load before the first probe")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy raw profiles of the worker here")
+    parser.add_argument(
+        "--event-ids", action="store_true", help="every event carries a unique event_id (de-duplication on)"
+    )
     parser.add_argument("--logs", type=Path, default=None, help="copy the workers' logs into this directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the full result as JSON")
     args = parser.parse_args(argv)
