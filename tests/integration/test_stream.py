@@ -1,5 +1,5 @@
 """The stream workers end to end on the real broker: counting, dead letters, fold-in, new tracks,
-model hot swap, restart recovery, two workers splitting partitions and taking over.
+model hot swap, plays sent again, restart recovery, two workers splitting partitions and taking over.
 
 The tests of this module share one model store and one topic prefix and run in order.
 """
