@@ -1,9 +1,10 @@
 """The stream's per-user state row (table `user-state`), shared by the workers that write it and the
 batch snapshot that trains on it: msgpack `{"c": {track: streams}, "v": version, "x": float32 LE bytes,
-"o": last applied plays offset[, "e": [event ids of the user's latest applied plays]]}`."""
+"o": last applied plays offset[, "e": 8-byte digests of the event ids of the user's latest applied plays]}`."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import msgpack
@@ -24,7 +25,25 @@ class UserState(NamedTuple):
     version: str | None = None
     vector: np.ndarray | None = None
     offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
-    recent: tuple[str, ...] = ()  # event ids of the latest applied plays that had one, oldest first
+    recent: bytes = b""  # `event_digest`s of the latest applied plays that had an event id, oldest first
+
+
+#: Bytes of an event id's digest in `UserState.recent`.
+EVENT_DIGEST_BYTES = 8
+
+
+def event_digest(event_id: str) -> bytes:
+    """The 8-byte BLAKE2b digest of an event id that a user's row remembers (fixed size, one bytes field:
+    cheap to encode; two different ids of one user's latest plays collide with probability ~2^-58)."""
+    return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=EVENT_DIGEST_BYTES).digest()
+
+
+def has_digest(recent: bytes, digest: bytes) -> bool:
+    """Whether `digest` is one of the digests concatenated in `recent` (aligned matches only)."""
+    i = recent.find(digest)
+    while i != -1 and i % EVENT_DIGEST_BYTES:
+        i = recent.find(digest, i + 1)
+    return i != -1
 
 
 def changelog_topic(app_id: str) -> str:
@@ -49,11 +68,13 @@ def unpack_user(raw: bytes | None) -> UserState:
         body = msgpack.unpackb(raw, **_LIMITS)
         counts = body["c"]
         vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
-        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)), tuple(body.get("e", ())))
+        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)), body.get("e", b""))
     except Exception as exc:
         raise UserStateError(f"not a user-state record: {type(exc).__name__}: {str(exc)[:120]}") from None
-    if not all(isinstance(e, str) for e in state.recent):
-        raise UserStateError("not a user-state record: recent event ids must be strings")
+    if not isinstance(state.recent, bytes) or len(state.recent) % EVENT_DIGEST_BYTES:
+        raise UserStateError(
+            f"not a user-state record: recent event ids must be {EVENT_DIGEST_BYTES}-byte digests in one bytes field"
+        )
     if not isinstance(counts, dict) or not all(
         isinstance(t, str) and type(c) is int and c >= 0 for t, c in counts.items()
     ):

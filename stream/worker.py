@@ -35,7 +35,16 @@ import numpy as np
 
 from batch.model_store import ModelStore, ModelStoreError
 from batch.plays import MIN_MS_PLAYED
-from batch.user_state import USER_STATE_TABLE, UserState, UserStateError, pack_user, unpack_user
+from batch.user_state import (
+    EVENT_DIGEST_BYTES,
+    USER_STATE_TABLE,
+    UserState,
+    UserStateError,
+    event_digest,
+    has_digest,
+    pack_user,
+    unpack_user,
+)
 from stream.broadcast import BroadcastReader
 from stream.changelog import BulkTableWriter
 from stream.codec import (
@@ -65,6 +74,7 @@ MAX_UNFOLDED_EVENTS = 200_000
 #: Event ids remembered per user (in the user's row) to skip a play a client sends again: a listener
 #: streams at most ~2 plays a minute, so this spans a client's retries by a wide margin.
 RECENT_EVENT_IDS = 64
+_KEPT_DIGEST_BYTES = -(RECENT_EVENT_IDS - 1) * EVENT_DIGEST_BYTES  # slice start: the newest 63 digests
 #: Rows a fold-in prepares for its changelog write between two yields to the event loop (counting, requests).
 WRITE_YIELD_USERS = 1000
 
@@ -341,10 +351,11 @@ class StreamWorker:
             recent = state.recent
             for _, track, ms_played, event_id in fresh:
                 if event_id is not None:  # a client's re-send of a play already applied is skipped
-                    if event_id in recent:
+                    digest = event_digest(event_id)
+                    if has_digest(recent, digest):
                         duplicates += 1
                         continue
-                    recent = (*recent[1 - RECENT_EVENT_IDS :], event_id)
+                    recent = recent[_KEPT_DIGEST_BYTES:] + digest
                 applied += 1
                 if ms_played >= MIN_MS_PLAYED:
                     added[track] = added.get(track, 0) + 1
