@@ -28,11 +28,22 @@ log = logging.getLogger(__name__)
 
 #: A changelog send or delivery still waiting after this many seconds is logged (and again each period).
 SLOW_WRITE_S = 10.0
+#: A changelog send or delivery still waiting after this many seconds fails the write, which stops the
+#: worker (its batches stay unacked: re-delivered to the worker that takes the partitions over, or to this
+#: one once its supervisor restarts it). aiokafka fails a batch it cannot deliver after its request timeout
+#: (90 s here); a write waiting far longer sits in a wedged producer, and a worker that keeps counting
+#: without ever committing is worse than a restart.
+WRITE_DEADLINE_S = 180.0
 
 
-async def _logged(awaitable: Any, topic: str, partition: int) -> Any:
-    """Await a producer step, logging a warning every SLOW_WRITE_S while it waits: one stop was seen
-    with a changelog batch waiting in aiokafka's accumulator for a drain that never came."""
+class ChangelogWriteError(RuntimeError):
+    """A changelog write did not complete within WRITE_DEADLINE_S."""
+
+
+async def _logged(awaitable: Any, producer: Any, topic: str, partition: int, step: str) -> Any:
+    """Await a producer step ("send": into the accumulator, "delivery": the broker's ack), logging a
+    warning with the producer's state every SLOW_WRITE_S while it waits: writes were seen waiting for a
+    drain that never came (at a stop, and once in a running worker)."""
     task = asyncio.ensure_future(awaitable)
     waited = 0.0
     while True:
@@ -40,7 +51,40 @@ async def _logged(awaitable: Any, topic: str, partition: int) -> Any:
             return await asyncio.wait_for(asyncio.shield(task), SLOW_WRITE_S)
         except asyncio.TimeoutError:
             waited += SLOW_WRITE_S
-            log.warning("changelog write to %s[%d] still waiting after %.0f s", topic, partition, waited)
+            state = producer_state(producer, topic, partition)
+            if waited >= WRITE_DEADLINE_S:
+                task.cancel()
+                raise ChangelogWriteError(
+                    f"changelog write to {topic}[{partition}] waited {waited:.0f} s for its {step} ({state}); "
+                    "failing it: the worker stops, its batches stay unacked and are re-delivered"
+                ) from None
+            log.warning(
+                "changelog write to %s[%d] still waiting for its %s after %.0f s (%s)",
+                topic,
+                partition,
+                step,
+                waited,
+                state,
+            )
+
+
+def producer_state(producer: Any, topic: str, partition: int) -> str:
+    """What an aiokafka producer knows and holds for one partition (for diagnosing a stalled write)."""
+    try:
+        from aiokafka.structs import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        sender = producer._sender
+        routine = getattr(sender, "sender_task", None) or getattr(sender, "_sender_task", None)
+        return (
+            f"leader {producer.client.cluster.leader_for_partition(tp)}, "
+            f"batches queued {len(producer._message_accumulator._batches.get(tp, ()))}, "
+            f"muted {tp in sender._muted_partitions}, in flight to nodes {sorted(sender._in_flight)}, "
+            f"sender running {routine is not None and not routine.done()}, "
+            f"metadata update pending {producer.client._md_update_fut is not None}"
+        )
+    except Exception as exc:  # diagnostics only: aiokafka internals may change
+        return f"state unavailable: {type(exc).__name__}: {exc}"
 
 
 class BulkTableWriter:
@@ -81,17 +125,21 @@ class BulkTableWriter:
             for key, value in pairs:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: ship it
                     batch.close()
-                    sent = await _logged(producer.send_batch(batch, topic, partition=partition), topic, partition)
+                    sent = await _logged(
+                        producer.send_batch(batch, topic, partition=partition), producer, topic, partition, "send"
+                    )
                     pending.append((sent, partition, count))
                     batch, count = producer.create_batch(), 0
                     batch.append(key=key, value=value, timestamp=None)
                 count += 1
             batch.close()
-            sent = await _logged(producer.send_batch(batch, topic, partition=partition), topic, partition)
+            sent = await _logged(
+                producer.send_batch(batch, topic, partition=partition), producer, topic, partition, "send"
+            )
             pending.append((sent, partition, count))
         last: dict[int, int] = {}
         for future, partition, count in pending:
-            metadata = await _logged(future, topic, partition)
+            metadata = await _logged(future, producer, topic, partition, "delivery")
             last[partition] = max(last.get(partition, -1), metadata.offset + count - 1)
         for partition, offset in last.items():
             store.set_persisted_offset(TP(topic, partition), offset)

@@ -1,12 +1,22 @@
-"""Create the stream's topics up front with the partition counts the worker relies on."""
+"""Create the stream's topics up front with the partition counts the worker relies on, the tables'
+changelogs included (faust would otherwise create those itself as each worker starts: several workers
+starting at once raced to create them, and one worker's first changelog write then waited without end
+in a CI run)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
+from batch.user_state import changelog_topic
 from stream.settings import SettingsError, WorkerSettings
 
 log = logging.getLogger(__name__)
+
+#: The stream worker's tables other than `user-state` (faust names a changelog `<app id>-<table>-changelog`).
+LISTENERS_TABLE = "track-listeners"
+#: Seconds to wait for every partition of the topics just created to have a leader.
+LEADERS_DEADLINE_S = 30.0
 
 
 def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
@@ -28,6 +38,8 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.track_vectors: (P, {"cleanup.policy": "compact"}),
         names.track_takedowns: (1, {"cleanup.policy": "compact"}),
         names.model_updates: (1, {}),
+        changelog_topic(settings.app_id): (P, {"cleanup.policy": "compact"}),
+        f"{settings.app_id}-{LISTENERS_TABLE}-changelog": (P, {"cleanup.policy": "compact"}),
     }
     kwargs = settings.security.kafka_python_kwargs()
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="playrec-topics", **kwargs)
@@ -52,5 +64,28 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
                 log.info("created topic %s (%d partitions)", topic.name, topic.num_partitions)
             except TopicAlreadyExistsError:
                 pass
+        if missing:
+            _wait_for_leaders(admin, [t.name for t in missing])
     finally:
         admin.close()
+
+
+def _wait_for_leaders(admin, topics: list[str]) -> None:
+    """Wait until every partition of `topics` has a leader (a new topic's partitions get theirs shortly
+    after it is created); logs and goes on at the deadline (the clients retry on their own)."""
+    deadline = time.monotonic() + LEADERS_DEADLINE_S
+    while True:
+        described = admin.describe_topics(topics)
+        waiting = [
+            t.get("name", t.get("topic"))
+            for t in described
+            if t.get("error_code")
+            or not t["partitions"]
+            or any(p.get("leader_id", p.get("leader", -1)) < 0 for p in t["partitions"])
+        ]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            log.warning("topics without a leader on every partition after %.0f s: %s", LEADERS_DEADLINE_S, waiting)
+            return
+        time.sleep(0.1)

@@ -58,6 +58,7 @@ from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
+from stream.topics import LISTENERS_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class StreamWorker:
         table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
         # user -> {counts per track, folded-in vector}: one changelog record per changed user
         self.users = app.Table(USER_STATE_TABLE, **table)
-        self.listeners = app.Table("track-listeners", **table)
+        self.listeners = app.Table(LISTENERS_TABLE, **table)
         self.user_writer = BulkTableWriter(app, self.users, topics.plays)
         self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)

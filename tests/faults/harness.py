@@ -188,6 +188,23 @@ def changelog_counts(bootstrap: str, app_id: str) -> dict[str, dict[str, int]]:
     return {u: c for u, c in out.items() if c}
 
 
+def wait_for_durable_counts(
+    bootstrap: str, app_id: str, expected: dict[str, dict[str, int]], deadline_s: float
+) -> float:
+    """Wait until the user-state changelog holds exactly `expected` (rows reach it a background fold-in
+    after the counts show over HTTP); returns the seconds it took. A duplicated stream fails at once
+    (counts never go down); lost ones are waited for until the deadline."""
+    started = time.monotonic()
+    while True:
+        lost, duplicated = difference(expected, changelog_counts(bootstrap, app_id))
+        assert duplicated == 0, f"the changelog counts {duplicated} streams twice"
+        if lost == 0:
+            return time.monotonic() - started
+        if time.monotonic() - started > deadline_s:
+            raise AssertionError(f"the changelog still lacks {lost} streams {deadline_s:.0f} s after the counts")
+        time.sleep(0.5)  # a fresh snapshot read per check: poll, with the deadline above
+
+
 def unique_names() -> tuple[str, str]:
     """(topic prefix, app id) no other test uses."""
     prefix = f"fault-{uuid.uuid4().hex[:8]}-"
