@@ -296,7 +296,9 @@ class StreamWorker:
 
         Counting is idempotent: each user's state records the offset of the last record applied
         (a user's records all live in one partition), so a batch re-delivered after a crash between
-        the table write and the offset commit is not counted twice. Counting never waits for a
+        the table write and the offset commit is not counted twice; a play whose `event_id` is among the
+        user's RECENT_EVENT_IDS latest (a client's re-send: another record) is skipped and counted in
+        `playrec_duplicate_events_total`. Counting never waits for a
         fold-in: the users counted since the last fold-in started are *pending*; when no fold-in runs,
         one starts with all of them (so fold-ins merge the batches counted while the previous one ran,
         and hot users are solved once per fold-in, not once per batch). Returns the completion of the
