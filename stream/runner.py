@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from stream.diagnostics import install_dump_on_signal
 from stream.settings import WorkerSettings
 from stream.topics import ensure_topics
 
@@ -74,6 +75,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     ensure_topics(settings)
     worker = StreamWorker(settings)
     tune_gc()
+    install_dump_on_signal(worker.app)  # `kill -USR1 <pid>`: log what every task waits on
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     faust_worker = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     faust_worker.execute_from_commandline()

@@ -181,4 +181,7 @@ async def dump(web: Any, request: Any) -> Any:
 
 
 if __name__ == "__main__":
+    from stream.diagnostics import install_dump_on_signal
+
+    install_dump_on_signal(app)
     app.main()
