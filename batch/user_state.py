@@ -46,9 +46,9 @@ def has_digest(recent: bytes, digest: bytes) -> bool:
     return i != -1
 
 
-def changelog_topic(app_id: str) -> str:
-    """faust's changelog topic of the user-state table of app `app_id`."""
-    return f"{app_id}-{USER_STATE_TABLE}-changelog"
+def changelog_topic(app_id: str, table: str = USER_STATE_TABLE) -> str:
+    """faust's changelog topic of `table` (the user-state table by default) of app `app_id`."""
+    return f"{app_id}-{table}-changelog"
 
 
 def pack_user(state: UserState) -> bytes:

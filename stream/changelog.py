@@ -75,7 +75,7 @@ def producer_state(producer: Any, topic: str, partition: int) -> str:
 
         tp = TopicPartition(topic, partition)
         sender = producer._sender
-        routine = getattr(sender, "sender_task", None) or getattr(sender, "_sender_task", None)
+        routine = sender.sender_task
         return (
             f"leader {producer.client.cluster.leader_for_partition(tp)}, "
             f"batches queued {len(producer._message_accumulator._batches.get(tp, ()))}, "

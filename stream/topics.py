@@ -13,7 +13,7 @@ from stream.settings import SettingsError, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-#: The stream worker's tables other than `user-state` (faust names a changelog `<app id>-<table>-changelog`).
+#: The stream worker's table other than `user-state` (its changelog: `changelog_topic(app_id, LISTENERS_TABLE)`).
 LISTENERS_TABLE = "track-listeners"
 #: Seconds to wait for every partition of the topics just created to have a leader.
 LEADERS_DEADLINE_S = 30.0
@@ -39,7 +39,7 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.track_takedowns: (1, {"cleanup.policy": "compact"}),
         names.model_updates: (1, {}),
         changelog_topic(settings.app_id): (P, {"cleanup.policy": "compact"}),
-        f"{settings.app_id}-{LISTENERS_TABLE}-changelog": (P, {"cleanup.policy": "compact"}),
+        changelog_topic(settings.app_id, LISTENERS_TABLE): (P, {"cleanup.policy": "compact"}),
     }
     kwargs = settings.security.kafka_python_kwargs()
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="playrec-topics", **kwargs)

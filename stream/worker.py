@@ -408,6 +408,12 @@ class StreamWorker:
                 return solved[user], "fold-in"
         return (None, "popularity") if row is None else (row, "model")
 
+    def _caught_up(self, user: str, seq: int) -> None:
+        """Fold-in `seq` published the user's vector: unless streams were counted for the user since it
+        started (a later fold-in takes those), the stored vector reflects every counted play again."""
+        if self._stale.get(user) == seq:
+            del self._stale[user]
+
     def plays_ready(self) -> bool:
         """Whether `on_plays` can take a batch without waiting (fold-ins have not fallen behind)."""
         return self._unfolded_events < MAX_UNFOLDED_EVENTS
@@ -491,10 +497,8 @@ class StreamWorker:
         swapped = self.live is not live  # the rows packed with the fold-in's vectors may be stale: repack
         replaced = self._replaced
         self._replaced = {}
-        stale = self._stale
         for i, (user, state) in enumerate(states.items(), 1):
-            if stale.get(user) == seq:
-                del stale[user]  # (a user without known tracks: no vector, the fallback serves them)
+            self._caught_up(user, seq)  # (also a user without known tracks: no vector, the fallback serves them)
             vector = vectors.get(user)
             current = self._states.get(user, state)  # may hold counts of batches counted since (consistent)
             if vector is not None and not (
@@ -542,7 +546,7 @@ class StreamWorker:
         the event loop as soon as it is solved (`self._replaced` keeps the vectors they replaced, for
         `users_moved`). Returns ({user: vector}, {user: packed row})."""
         loop = asyncio.get_running_loop()
-        replaced, stale = self._replaced, self._stale
+        replaced = self._replaced
 
         def publish(solved: dict[str, np.ndarray]) -> None:
             """On the event loop: recommendations reflect the plays from here on (the rows reach the
@@ -556,8 +560,7 @@ class StreamWorker:
                 if user not in replaced:
                     replaced[user] = current.vector if current.version == live.version else live.model_user_vector(user)
                 self._states[user] = current._replace(version=live.version, vector=vector)
-                if stale.get(user) == seq:
-                    del stale[user]
+                self._caught_up(user, seq)
 
         def on_solved(solved: dict[str, np.ndarray]) -> None:  # fold-in thread
             loop.call_soon_threadsafe(publish, solved)

@@ -32,7 +32,7 @@ def test_creates_every_topic_with_leaders_and_compacted_changelogs(kafka_bootstr
     s = settings(kafka_bootstrap, prefix)
     ensure_topics(s)
     ensure_topics(s)  # idempotent
-    changelogs = [changelog_topic(s.app_id), f"{s.app_id}-{LISTENERS_TABLE}-changelog"]
+    changelogs = [changelog_topic(s.app_id), changelog_topic(s.app_id, LISTENERS_TABLE)]
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
         described = {t["name"]: t for t in admin.describe_topics([s.topics.plays, *changelogs])}
