@@ -413,8 +413,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(env("PLAYREC_DATA_DIR", ".playrec-worker")),
-        help="local state directory (default .playrec-worker)",
+        default=env("PLAYREC_DATA_DIR"),
+        help="local table state ($PLAYREC_DATA_DIR; default $XDG_STATE_HOME/playrec/<app id>-<port>, "
+        "i.e. ~/.local/state/playrec/...); a cache of the changelog topics, rebuilt from them when stale",
     )
     parser.add_argument(
         "--table-store",

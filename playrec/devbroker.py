@@ -321,6 +321,8 @@ num.io.threads=4
 num.recovery.threads.per.data.dir=1
 background.threads=4
 log.retention.hours=168
+# Topics with a retention set (tests of a changelog that retention empties) are trimmed within a second.
+log.retention.check.interval.ms=1000
 """
 
 

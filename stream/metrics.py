@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -48,6 +50,23 @@ class WorkerMetrics:
         self.lag = Gauge("playrec_consumer_lag", "Play events behind the end of the assigned partitions", registry=r)
         self.model_loads = Counter("playrec_model_loads", "Model versions loaded (start-up and hot swaps)", registry=r)
         self.new_tracks = Gauge("playrec_new_tracks", "Tracks folded in since the model was loaded", registry=r)
+        self.restored = Gauge(
+            "playrec_changelog_records_restored",
+            "Changelog records applied to the local tables by recovery since start-up",
+            ["table"],
+            registry=r,
+        )
+        self.dropped = Gauge(
+            "playrec_local_partitions_dropped",
+            "Table partitions whose local store was dropped (not backed by the changelog) since start-up",
+            ["table"],
+            registry=r,
+        )
+
+    def watch_table(self, table: Any) -> None:
+        """Report a `stream.table_store.StateTable`'s restored records and dropped partitions."""
+        self.restored.labels(table.name).set_function(lambda: table.restored)
+        self.dropped.labels(table.name).set_function(lambda: table.wiped)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -7,9 +7,11 @@ import logging
 import sys
 import time
 
+from batch.user_state import changelog_topic
 from stream.diagnostics import install_dump_on_signal
+from stream.local_state import bind_local_state, cluster_identity
 from stream.settings import WorkerSettings
-from stream.topics import ensure_topics
+from stream.topics import LISTENERS_TABLE, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,10 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     # contend for the same 2 cores (measured: X^T X updates 12% of the worker's time with OpenBLAS threads).
     threadpool_limits(limits=1, user_api="blas")
     ensure_topics(settings)
+    if not settings.table_store.startswith("memory:"):  # the memory store restores from scratch anyway
+        changelogs = [changelog_topic(settings.app_id), changelog_topic(settings.app_id, LISTENERS_TABLE)]
+        identity = cluster_identity(settings.bootstrap, changelogs, settings.security.kafka_python_kwargs())
+        bind_local_state(settings.state_dir, identity)
     worker = StreamWorker(settings)
     tune_gc()
     install_dump_on_signal(worker.app)  # `kill -USR1 <pid>`: log what every task waits on

@@ -163,7 +163,8 @@ class WorkerSettings:
     bind: str | None = None  # address the HTTP server listens on (default: host)
     app_id: str = "playrec"
     partitions: int = 8
-    data_dir: Path = Path(".playrec-worker")
+    #: local table state; None: `stream.local_state.default_data_dir(app_id, port)`
+    data_dir: Path | None = None
     table_store: str = "memory://"
     min_listeners: int = 5
     max_batch: int = 20_000
@@ -195,6 +196,13 @@ class WorkerSettings:
                 "(e.g. `openssl rand -hex 32`)"
             )
         self.security.validate()
+
+    @property
+    def state_dir(self) -> Path:
+        """The directory of this worker's local table state."""
+        from stream.local_state import default_data_dir
+
+        return self.data_dir if self.data_dir is not None else default_data_dir(self.app_id, self.port)
 
     @property
     def url(self) -> str:

@@ -58,6 +58,7 @@ from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.settings import WorkerSettings
+from stream.table_store import StateTable
 from stream.topics import LISTENERS_TABLE
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class StreamWorker:
             broker=f"kafka://{settings.bootstrap}",
             broker_credentials=settings.security.faust_credentials(),
             store=settings.table_store,
-            datadir=str(settings.data_dir),
+            datadir=str(settings.state_dir),
+            Table=StateTable,
             topic_partitions=P,
             topic_replication_factor=1,
             key_serializer="raw",
@@ -141,6 +143,8 @@ class StreamWorker:
         # user -> {counts per track, folded-in vector}: one changelog record per changed user
         self.users = app.Table(USER_STATE_TABLE, **table)
         self.listeners = app.Table(LISTENERS_TABLE, **table)
+        for watched in (self.users, self.listeners):
+            self.metrics.watch_table(watched)
         self.user_writer = BulkTableWriter(app, self.users, topics.plays)
         self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)

@@ -70,14 +70,21 @@ class WorkerProcess:
         prefix: str,
         app_id: str,
         state: Path,
-        table_store: str = "memory://",
+        table_store: str | None = "memory://",
         data_dir: Path | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        default_data_dir: bool = False,
         **flags: Any,
     ) -> None:
-        self.port = free_port()
-        self.log_path = state / f"worker-{self.port}.log"
+        """`table_store` None: the store `playrec worker` picks by default; `data_dir` None: a fresh
+        directory under `state`, or with `default_data_dir` none at all (the worker's default)."""
+        self.port = port or free_port()
+        self.log_path = state / f"worker-{self.port}-{time.monotonic_ns()}.log"
         state.mkdir(parents=True, exist_ok=True)
-        data_dir = data_dir or state / f"data-{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if data_dir is None and not default_data_dir:
+            data_dir = state / f"data-{self.port}"
         args = [
             sys.executable,
             "-m",
@@ -93,17 +100,15 @@ class WorkerProcess:
             prefix,
             "--app-id",
             app_id,
-            "--data-dir",
-            str(data_dir),
-            "--table-store",
-            table_store,
         ]
+        if data_dir is not None:
+            args += ["--data-dir", str(data_dir)]
+        if table_store is not None:
+            args += ["--table-store", table_store]
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
