@@ -2,17 +2,26 @@
 
 faust's `table[key] = value` sends every changelog record through its per-message producer buffer
 (~30 us of Python each); a micro-batch that changes thousands of users spends most of its time
-there. `BulkTableWriter.write` does the same two things for many keys at once: it sets the values
-in the table's store (inside an event context naming the partition, which the RocksDB store needs)
-and appends the changelog records to one aiokafka batch per partition, awaiting delivery before it
-returns, so the caller acks its input only after the changelog is durable. It also records the
-persisted changelog offset, as faust does, so a RocksDB store recovers from where it stopped.
+there. `BulkTableWriter.write` does the same two things for many keys at once: it appends the changelog
+records to one aiokafka batch per partition and, once a partition's batches are acknowledged, sets
+the values in the table's store (inside an event context naming the partition, which the RocksDB
+store needs) and records the persisted changelog offset, as faust does, so a RocksDB store recovers
+from where it stopped. It returns after every delivery, so the caller acks its input only after the
+changelog is durable.
+
+The store follows the changelog, never leads it: a row stored before its record is acknowledged
+would survive a kill -9 in a RocksDB store, and its applied offset would make the re-delivered plays
+look counted, so they would never reach the changelog. Each partition's rows are stored by a done
+callback of its last batch's delivery future, which runs in acknowledgement order (one partition's
+batches are acknowledged in order), so two writes of the same row land in the store in changelog
+order. Readers of rows being written are served from the caller's decoded rows meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import weakref
@@ -106,40 +115,44 @@ class BulkTableWriter:
             _current_event.reset(token)
 
     async def write(self, entries: list[tuple[bytes, bytes, int]]) -> None:
-        """Set `key -> value` for every entry and make the changelog durable (partition per entry)."""
+        """Make `key -> value` durable in the changelog (partition per entry), then set it in the store."""
         if not entries:
             return
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
         for key, value, partition in entries:
             by_partition[partition].append((key, value))
-        store = self.table.data
-        for partition, pairs in by_partition.items():
-            with self._partition_context(partition):
-                for key, value in pairs:
-                    store[key] = value
         producer = self.app.producer._ensure_producer()
         topic = self.table.changelog_topic.get_topic_name()
-        pending: list[tuple[asyncio.Future, int, int]] = []
+        pending: list[tuple[asyncio.Future, int]] = []
         for partition, pairs in by_partition.items():
+            sent: list[asyncio.Future] = []
             batch, count = producer.create_batch(), 0
             for key, value in pairs:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: ship it
                     batch.close()
-                    sent = await _logged(
-                        producer.send_batch(batch, topic, partition=partition), producer, topic, partition, "send"
-                    )
-                    pending.append((sent, partition, count))
+                    sent.append(await self._send(producer, batch, topic, partition))
                     batch, count = producer.create_batch(), 0
                     batch.append(key=key, value=value, timestamp=None)
                 count += 1
             batch.close()
-            sent = await _logged(
-                producer.send_batch(batch, topic, partition=partition), producer, topic, partition, "send"
-            )
-            pending.append((sent, partition, count))
-        last: dict[int, int] = {}
-        for future, partition, count in pending:
-            metadata = await _logged(future, producer, topic, partition, "delivery")
-            last[partition] = max(last.get(partition, -1), metadata.offset + count - 1)
-        for partition, offset in last.items():
-            store.set_persisted_offset(TP(topic, partition), offset)
+            sent.append(await self._send(producer, batch, topic, partition))
+            sent[-1].add_done_callback(functools.partial(self._store, TP(topic, partition), pairs, sent, count))
+            pending.extend((future, partition) for future in sent)
+        for future, partition in pending:
+            await _logged(future, producer, topic, partition, "delivery")
+
+    @staticmethod
+    async def _send(producer: Any, batch: Any, topic: str, partition: int) -> asyncio.Future:
+        return await _logged(producer.send_batch(batch, topic, partition=partition), producer, topic, partition, "send")
+
+    def _store(
+        self, tp: TP, pairs: list[tuple[bytes, bytes]], sent: list[asyncio.Future], last_count: int, _: Any
+    ) -> None:
+        """Done callback of a partition's last batch: store its rows once every batch is acknowledged."""
+        if not all(f.done() and not f.cancelled() and f.exception() is None for f in sent):
+            return  # not durable: the write fails, the store keeps the rows the changelog has
+        store = self.table.data
+        with self._partition_context(tp.partition):
+            for key, value in pairs:
+                store[key] = value
+        store.set_persisted_offset(tp, sent[-1].result().offset + last_count - 1)

@@ -266,7 +266,7 @@ class StreamWorker:
                 if user in self._states:
                     self._states[user] = new
                 entries.append((key, pack_user(new), self.partitioner(key)))
-            await self.user_writer.write(entries)  # stores before its first await: no interleaving
+            await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
             self.metrics.user_fold_ins.inc(len(vectors))
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d users against model %s", len(users), live.version)
