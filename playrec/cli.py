@@ -487,10 +487,11 @@ def run_worker(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         raise CliError(str(exc)) from None
     from stream.runner import run_worker as run
+    from stream.versions import UnsupportedVersionError
 
     try:
         return run(settings, args.loglevel)
-    except SettingsError as exc:
+    except (SettingsError, UnsupportedVersionError) as exc:
         raise CliError(str(exc)) from None
 
 

@@ -12,6 +12,7 @@ from stream.diagnostics import install_dump_on_signal
 from stream.local_state import bind_local_state, cluster_identity
 from stream.settings import WorkerSettings
 from stream.topics import LISTENERS_TABLE, ensure_topics
+from stream.versions import check_versions
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
 
     from stream.worker import StreamWorker
 
+    check_versions()  # before anything touches the broker: ingest/changelog follow these internals
     # The worker parallelises itself (event loop + fold-in thread); BLAS threads on top of that only
     # contend for the same 2 cores (measured: X^T X updates 12% of the worker's time with OpenBLAS threads).
     threadpool_limits(limits=1, user_api="blas")
