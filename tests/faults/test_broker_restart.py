@@ -31,14 +31,18 @@ RATE = 1_500
 DOWN_S = 5.0
 
 
-def test_broker_restart_during_a_replay(tmp_path):
+@pytest.mark.parametrize("table_store", ["memory://", "rocksdb://"])
+def test_broker_restart_during_a_replay(tmp_path, table_store):
     broker = DevBroker(data_dir=tmp_path / "kafka", port=free_port())
     bootstrap = broker.start()
     store = publish_model(tmp_path)
     prefix, app_id = unique_names()
     log = play_log(N_EVENTS, seed=2)
     workers = [
-        WorkerProcess(bootstrap, store.root, prefix, app_id, tmp_path / name, session_timeout=10) for name in "ab"
+        WorkerProcess(
+            bootstrap, store.root, prefix, app_id, tmp_path / name, table_store=table_store, session_timeout=10
+        )
+        for name in "ab"
     ]
     try:
 
@@ -73,7 +77,7 @@ def test_broker_restart_during_a_replay(tmp_path):
         settle_s = wait_for_exact_counts(lambda: workers[0], log.expected, 180)
         durable_s = wait_for_durable_counts(bootstrap, app_id, log.expected, 60)
         print(
-            f"\nbroker restart: {N_EVENTS} plays ({log.streams} streams), broker down "
+            f"\nbroker restart ({table_store}): {N_EVENTS} plays ({log.streams} streams), broker down "
             f"{restarted_at - stopped_at:.1f} s after event {N_EVENTS * 2 // 5}, a new play counted "
             f"{recovered_s:.1f} s after the restart, counts exact {settle_s:.1f} s after the replay "
             f"(changelog {durable_s:.1f} s later); "

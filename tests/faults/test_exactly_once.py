@@ -40,14 +40,26 @@ def both_ready(a: WorkerProcess, b: WorkerProcess) -> bool:
     return bool(pa and pb) and sorted(pa + pb) == list(range(PARTITIONS))
 
 
-def test_kill_9_during_a_replay_loses_and_duplicates_nothing(kafka_bootstrap, tmp_path):
+@pytest.mark.parametrize("table_store", ["memory://", "rocksdb://"])
+def test_kill_9_during_a_replay_loses_and_duplicates_nothing(kafka_bootstrap, tmp_path, table_store):
+    """With rocksdb:// (what docker-compose deploys) a killed worker comes back on its own data
+    directory, so it resumes the local state the kill left behind."""
     store = publish_model(tmp_path)
     prefix, app_id = unique_names()
     log = play_log(N_EVENTS, seed=1)
     rng = random.Random(7)
 
     def start(name: str) -> WorkerProcess:
-        return WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / name, session_timeout=6)
+        return WorkerProcess(
+            kafka_bootstrap,
+            store.root,
+            prefix,
+            app_id,
+            tmp_path / name,
+            table_store=table_store,
+            data_dir=tmp_path / f"data-{name[0]}",  # a restarted worker keeps its data directory
+            session_timeout=6,
+        )
 
     workers = {"a": start("a"), "b": start("b")}
     try:
@@ -73,7 +85,7 @@ def test_kill_9_during_a_replay_loses_and_duplicates_nothing(kafka_bootstrap, tm
         assert difference(log.expected, got) == (0, 0)
         durable_s = wait_for_durable_counts(kafka_bootstrap, app_id, log.expected, 60)
         print(
-            f"\nexactly-once: {N_EVENTS} plays ({log.streams} streams, {len(log.expected)} users), "
+            f"\nexactly-once ({table_store}): {N_EVENTS} plays ({log.streams} streams, {len(log.expected)} users), "
             f"{KILLS} kill -9 at events {kill_at}, recovery (kill -> both ready) "
             f"{', '.join(f'{r:.1f}' for r in recoveries)} s, counts exact {settle_s:.1f} s after the replay "
             f"(changelog {durable_s:.1f} s later); "
