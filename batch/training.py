@@ -80,6 +80,8 @@ def train_and_publish(
     trainer: Trainer = numpy_trainer,
     evaluation: tuple[Metrics, Metrics] | None = None,
     announce: Callable[[str], None] | None = None,
+    history: sp.csr_matrix | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> TrainReport:
     """Evaluate (unless holdout == 0), train on all plays, build the forests and publish to `store`.
 
@@ -89,6 +91,9 @@ def train_and_publish(
     trainer: the ALS engine (numpy by default; batch.spark_engine for Spark).
     evaluation: (model, popularity) metrics computed already (the retrain gate), instead of holdout.
     announce(version): called after the version is live (e.g. a model-updates record).
+    history: the part of `counts` the stream does not hold (CSR aligned with it), stored as
+    history_*.npy; lineage: the manifest's `history` and `lineage` fields (batch.history). Neither
+    given: `counts` is all history (a file), which the workers add to what streams.
     """
     timings: dict[str, float] = {}
     metrics, baseline = evaluation if evaluation is not None else (None, None)
@@ -107,6 +112,10 @@ def train_and_publish(
         np.save(directory / "plays_indptr.npy", matrix.indptr.astype(np.int64), allow_pickle=False)
         np.save(directory / "plays_indices.npy", matrix.indices.astype(np.int32), allow_pickle=False)
         np.save(directory / "plays_counts.npy", matrix.data.astype(np.float32), allow_pickle=False)
+        if history is not None:
+            np.save(directory / "history_indptr.npy", history.indptr.astype(np.int64), allow_pickle=False)
+            np.save(directory / "history_indices.npy", history.indices.astype(np.int32), allow_pickle=False)
+            np.save(directory / "history_counts.npy", history.data.astype(np.float32), allow_pickle=False)
         fields: dict[str, Any] = {}
         if forest is not None:
             begin = time.perf_counter()
@@ -130,6 +139,7 @@ def train_and_publish(
                 "model": metrics.to_dict() if metrics else None,
                 "popularity": baseline.to_dict() if baseline else None,
             },
+            **(lineage if lineage is not None else {"history": {"arrays": "plays"}, "lineage": []}),
             "training": {
                 "losses": result.losses,
                 "seconds_per_iteration": float(np.median(result.seconds)) if result.seconds else 0.0,

@@ -29,6 +29,7 @@ from batch.confidence import confidence_minus_one
 from batch.exact import assemble_rows
 from batch.foldin import fold_in
 from batch.forests import load_forests
+from batch.history import history_arrays
 from batch.model_store import Model
 from batch.recommend import explain_score, top_k, training_plays
 from index.search import ragged_ranges
@@ -175,10 +176,9 @@ class LiveModel:
         self._gram_log: list[tuple[float, np.ndarray]] = []
         self._gram_total = 0
         self._base_inv: tuple[int, np.ndarray] | None = None  # (gram_total, (G + reg I)^-1)
-        source = (model.manifest.get("input") or {}).get("source")
-        #: A model trained from the stream's own counts already holds them; one trained from a file
-        #: does not, so a user's full counts are the model's training counts plus what streamed.
-        self.stream_trained = source == "stream"
+        #: The lineage's history (batch.history): the counts the stream does not hold (a file's). A user's
+        #: full counts are their history plus what streamed, exactly what a retrain trains on.
+        self._history = history_arrays(model)
         self._plays = training_plays(model)
         self.popular = self._popular_tracks(model, self._plays)
         self._training_cache: dict[str, dict[str, float]] = {}
@@ -187,11 +187,12 @@ class LiveModel:
         self._item_norms: np.ndarray | None = None  # |y| of the model's tracks (exact cosine), on first use
 
     def training_counts(self, user: str) -> dict[str, float]:
-        """The user's streams in the model's training data ({} for stream-trained models); a copy."""
+        """The user's streams in the lineage's history, i.e. not in the stream ({} for a stream-only
+        lineage); a copy."""
         return dict(self._training(user))
 
     def full_count(self, user: str, track: str, streamed: int) -> float:
-        """One track's full count for a user: training streams (file-trained models) + `streamed`."""
+        """One track's full count for a user: history streams + `streamed`."""
         return self._training(user).get(track, 0.0) + float(streamed)
 
     def change(
@@ -206,11 +207,11 @@ class LiveModel:
 
     def _training(self, user: str) -> dict[str, float]:
         row = self.user_index.get(user)
-        if row is None or self.stream_trained or self._plays is None:
+        if row is None or self._history is None:
             return {}
         cached = self._training_cache.get(user)
         if cached is None:
-            indptr, indices, counts = self._plays
+            indptr, indices, counts = self._history
             start, stop = int(indptr[row]), int(indptr[row + 1])
             ids = self.item_ids[np.asarray(indices[start:stop])].tolist()
             cached = dict(zip(ids, np.asarray(counts[start:stop], dtype=np.float64).tolist()))
@@ -220,7 +221,7 @@ class LiveModel:
         return cached
 
     def full_counts(self, user: str, streamed: Mapping[str, float]) -> dict[str, float]:
-        """Training counts (file-trained models) plus the streamed counts."""
+        """History counts (batch.history: a file's, none for a stream-only lineage) plus the streamed counts."""
         full = self.training_counts(user)
         for track, count in streamed.items():
             full[track] = full.get(track, 0.0) + float(count)
