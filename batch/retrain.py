@@ -1,15 +1,22 @@
-"""The periodic retrain: snapshot the stream's counts, train, evaluate, gate, publish, announce.
+"""The periodic retrain: history + the stream's counts -> train, evaluate, gate, publish, announce.
 
 One cycle (`retrain_once`):
 
-1. snapshot the workers' counts from Kafka up to a watermark (batch.snapshot);
-2. split every user's tracks into train/holdout (seeded) and train the candidate on the train split;
-3. evaluate the candidate and the live model on the same holdout: the live model folds each user in
-   from the same training counts against its own item factors (tracks it does not know score zero);
+1. snapshot the workers' counts from Kafka up to a watermark (batch.snapshot) and merge them with the
+   live model's history (batch.history): the input is exactly what the workers serve, history +
+   streamed, every play once;
+2. split every user's tracks of that whole input into train/holdout (seeded) and train the
+   candidate on the train split;
+3. evaluate both on the same holdout of every user: the candidate, and the live model's lineage
+   replayed without the held-out plays (its parameters, trained on its own training counts minus
+   the held-out pairs), so neither model has seen what it is judged on; users are folded in from the
+   train split against each model's item factors, as the workers do (tracks the live model does not
+   know score zero);
 4. gate: publish only if the candidate's metric is not worse than the live one's by more than the
    tolerance (relative); otherwise keep the live model and say why;
 5. train the published model on all counts, build the forests, write a report (report.json,
-   loss.png, metrics.png) into the version, publish atomically and announce it on model-updates.
+   loss.png, metrics.png) into the version with the history and lineage, publish atomically and
+   announce it on model-updates.
 
 A cycle killed at any point leaves the live model untouched: nothing is visible before the atomic
 publish, and a half-written staging directory is removed by the next publish.
@@ -26,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from batch.als import AlsParams
 from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking_metrics
 from batch.foldin import fold_in_users
 from batch.forests import ForestParams
+from batch.history import lineage_fields, merge_history, training_matrix
 from batch.model_store import Model, ModelStore, ModelStoreError
 from batch.plays import PlayCounts
 from batch.report import history, write_report
@@ -98,18 +107,64 @@ class RetrainOutcome:
     timings: dict[str, float]
 
 
+def _params_of(model: Model) -> AlsParams:
+    params = model.manifest.get("parameters") or {}
+    return AlsParams(**params) if params else AlsParams(factors=model.factors)
+
+
+def foldin_metrics(
+    item_factors: np.ndarray, params: AlsParams, train: Any, test: Any, k: int = 10, seed: int = 0
+) -> Metrics:
+    """Holdout metrics of item factors (n_items, f) as the workers serve them: each evaluated user
+    (a seeded sample of at most EVAL_MAX_USERS) folded in from their train-split counts."""
+    train, test = sp.csr_matrix(train), sp.csr_matrix(test)
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    if users.size > EVAL_MAX_USERS:
+        users = np.sort(np.random.default_rng(seed).choice(users, EVAL_MAX_USERS, replace=False))
+    Y = np.asarray(item_factors, dtype=np.float32)
+    X = fold_in_users(train[users], Y, params)
+    return ranking_metrics(X, Y, train[users], test[users], k, None, seed)
+
+
 def live_model_metrics(live: Model, counts: PlayCounts, train: Any, test: Any, k: int = 10, seed: int = 0) -> Metrics:
-    """Holdout metrics of a published model on new data: users folded in from their training counts."""
-    params = live.manifest.get("parameters") or {}
-    live_params = AlsParams(**params) if params else AlsParams(factors=live.factors)
+    """Holdout metrics of the published live model's own item factors (users folded in from train).
+
+    Biased towards the live model when it trained on held-out plays; the gate uses it only for a
+    store that kept no training counts (`lineage_metrics`)."""
     rows = np.array([live.item_index.get(str(t), -1) for t in counts.item_ids.tolist()], dtype=np.int64)
     known = rows >= 0
-    Y_live = np.asarray(live.item_factors, dtype=np.float32)
     Y = np.zeros((len(rows), live.factors), dtype=np.float32)
-    Y[known] = Y_live[rows[known]]
-    gram = Y_live.astype(np.float64).T @ Y_live.astype(np.float64)
-    X = fold_in_users(train, Y, live_params, gram=gram)
-    return ranking_metrics(X, Y, train, test, k, EVAL_MAX_USERS, seed)
+    Y[known] = np.asarray(live.item_factors, dtype=np.float32)[rows[known]]
+    return foldin_metrics(Y, _params_of(live), train, test, k, seed)
+
+
+def lineage_metrics(
+    live: Model,
+    counts: PlayCounts,
+    train: sp.csr_matrix,
+    test: sp.csr_matrix,
+    trainer: Trainer,
+    show_progress: bool = False,
+    k: int = 10,
+    seed: int = 0,
+) -> tuple[Metrics, str]:
+    """(metrics, how) of the live model's lineage judged without the held-out plays.
+
+    Its parameters are trained on its own training counts minus every held-out (user, track) pair,
+    in `counts`' id space (the live ids are a prefix); tracks it never trained on score zero."""
+    trained = training_matrix(live, counts.shape)
+    if trained is None:
+        return live_model_metrics(live, counts, train, test, k, seed), "live artifact (no training counts kept)"
+    held = sp.csr_matrix(test, copy=True)
+    held.data[:] = 1.0
+    replay_input = (trained - trained.multiply(held)).tocsr()
+    replay_input.eliminate_zeros()
+    params = _params_of(live)
+    result = trainer(replay_input, params, show_progress)
+    Y = np.array(result.item_factors, dtype=np.float32)
+    listeners = np.diff(replay_input.tocsc().indptr)
+    Y[listeners == 0] = 0.0  # tracks the replay never saw: unknown to the live model, as served
+    return foldin_metrics(Y, params, train, test, k, seed), "live lineage replayed without the held-out plays"
 
 
 def gate(candidate: Metrics, live: Metrics | None, metric: str, tolerance: float) -> tuple[bool, str]:
@@ -123,41 +178,54 @@ def gate(candidate: Metrics, live: Metrics | None, metric: str, tolerance: float
 
 
 def retrain_once(config: RetrainConfig) -> RetrainOutcome:
-    """Run one snapshot -> train -> evaluate -> gate -> publish cycle."""
+    """Run one snapshot -> merge -> train -> evaluate -> gate -> publish cycle."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     snap = snapshot_counts(config.bootstrap, config.app_id, config.skip_bad_records, client_kwargs=config.client_kwargs)
-    counts = snap.counts
     timings["snapshot_s"] = time.perf_counter() - start
-    log.info("snapshot: %d users x %d tracks, %d counts", *counts.shape, counts.nnz)
-    start = time.perf_counter()
-    train, test = holdout_split(counts.matrix, config.holdout, seed=config.params.seed)
-    candidate_result = config.trainer(train, config.params, config.show_progress)
-    candidate = ranking_metrics(
-        candidate_result.user_factors,
-        candidate_result.item_factors,
-        train,
-        test,
-        10,
-        EVAL_MAX_USERS,
-        config.params.seed,
-    )
-    baseline = ranking_metrics(*popularity_factors(train), train, test, 10, EVAL_MAX_USERS, config.params.seed)
-    timings["evaluate_s"] = time.perf_counter() - start
+    log.info("snapshot: %d users x %d tracks, %d counts", *snap.counts.shape, snap.counts.nnz)
     try:
         live_model = config.store.load()
     except ModelStoreError as exc:
         log.info("no live model to compare with (%s)", exc)
         live_model = None
-    live = live_model_metrics(live_model, counts, train, test, seed=config.params.seed) if live_model else None
+    start = time.perf_counter()
+    merged = merge_history(live_model, snap.counts)
+    counts = merged.counts
+    timings["merge_s"] = time.perf_counter() - start
+    log.info(
+        "history + stream: %d users x %d tracks, %d counts (history %s)",
+        *counts.shape,
+        counts.nnz,
+        "none" if merged.history is None else f"{merged.history.nnz:,} counts",
+    )
+    start = time.perf_counter()
+    seed = config.params.seed
+    train, test = holdout_split(counts.matrix, config.holdout, seed=seed)
+    candidate_result = config.trainer(train, config.params, config.show_progress)
+    candidate = foldin_metrics(candidate_result.item_factors, config.params, train, test, seed=seed)
+    baseline = ranking_metrics(*popularity_factors(train), train, test, 10, EVAL_MAX_USERS, seed)
+    timings["evaluate_s"] = time.perf_counter() - start
+    live, how = None, None
+    if live_model is not None:
+        start = time.perf_counter()
+        live, how = lineage_metrics(live_model, counts, train, test, config.trainer, config.show_progress, seed=seed)
+        timings["evaluate_live_s"] = time.perf_counter() - start
     ok, reason = gate(candidate, live, config.metric, config.tolerance)
-    log.info("gate: %s", reason)
+    log.info("gate (%d users, live: %s): %s", candidate.users, how, reason)
     live_version = live_model.version if live_model else None
     if not ok:
         return RetrainOutcome(False, reason, None, candidate, live, live_version, timings)
     past = history(config.store)
+    source = {**snap.source(), "source": "stream" if merged.history is None else "history+stream"}
     body = {
-        "gate": {"published": True, "reason": reason, "metric": config.metric, "tolerance": config.tolerance},
+        "gate": {
+            "published": True,
+            "reason": reason,
+            "metric": config.metric,
+            "tolerance": config.tolerance,
+            "live_evaluation": how,
+        },
         "new": candidate.to_dict(),
         "live": live.to_dict() if live else None,
         "live_version": live_version,
@@ -175,13 +243,15 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
         config.store,
         config.params,
         holdout=config.holdout,
-        source=snap.source(),
+        source=source,
         extra=report,
         show_progress=config.show_progress,
         forest=config.forest,
         trainer=config.trainer,
         evaluation=(candidate, baseline),
         announce=config.announce,
+        history=merged.history,
+        lineage=lineage_fields(live_model, merged.history),
     )
     timings["publish_s"] = time.perf_counter() - start
     return RetrainOutcome(True, reason, published.version, candidate, live, live_version, timings)
