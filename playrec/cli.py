@@ -134,6 +134,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
     parser.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="--from-kafka: train on the stream alone, dropping the history of the live model in --out "
+        "(by default the live model's history, e.g. the file it came from, is added: docs/RETRAIN.md)",
+    )
+    parser.add_argument(
         "--announce",
         metavar="BOOTSTRAP",
         default=None,
@@ -165,7 +171,22 @@ def run_train(args: argparse.Namespace) -> int:
             f"snapshot of {snap.topic}: {snap.records:,} records, {counts.shape[0]:,} users, "
             f"{counts.nnz:,} (user, track) counts; watermark {source['offsets']}"
         )
+        from batch.history import lineage_fields, merge_history
+        from batch.model_store import ModelStoreError
+
+        live = None
+        if not args.stream_only:
+            try:
+                live = ModelStore(args.out).load()
+            except ModelStoreError:
+                live = None  # no lineage yet: the stream is the whole history
+        merged = merge_history(live, counts)
+        counts, history = merged.counts, {"history": merged.history, "lineage": lineage_fields(live, merged.history)}
+        if merged.history is not None:
+            source["source"] = "history+stream"
+            print(f"+ the history of {live.version}: {merged.history.nnz:,} counts; {counts.nnz:,} in all")
     else:
+        history = {}
         try:
             counts = read_play_counts(args.plays, binarize=args.binarize)
         except PlaysFileError as exc:
@@ -183,6 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
         forest=forest,
         trainer=trainer,
         announce=_announcer(args.announce, store, args.topic_prefix),
+        **history,
     )
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
