@@ -3,7 +3,9 @@
 One `StreamWorker` owns a faust app with:
 
 - the `plays` topic, consumed in micro-batches (stream.ingest.BatchIngest): events are validated
-  (invalid ones go to `plays.dead-letter` with their bytes and a reason), streams (>= 30 s) are
+  (invalid ones go to `plays.dead-letter` with their bytes and a reason), plays produced to another
+  partition than their user's are forwarded there through `plays.repartition` (stream/repartition.py)
+  and counted by its owner, streams (>= 30 s) are
   aggregated per user within the batch and added to the `user-plays` table (user -> {track: count});
 - user fold-in: every user whose counts changed in a batch gets the exact half-step against the
   current item factors from their FULL counts, batched; vectors live in the `user-vectors` table so
@@ -57,6 +59,7 @@ from stream.ingest import BatchIngest
 from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
+from stream.repartition import read_source, source_header
 from stream.settings import WorkerSettings
 from stream.table_store import StateTable
 from stream.topics import LISTENERS_TABLE
@@ -136,9 +139,9 @@ class StreamWorker:
             web_in_thread=False,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        # Changelog partitions come from the producer's murmur2 partitioner on the key bytes, the
-        # partitioner every standard Kafka client uses for keyed records: a user's counts, vector
-        # and plays share one partition number (records on another partition are dead-lettered).
+        # Changelog partitions come from the producer's murmur2 partitioner on the key bytes (the Java
+        # client's and kafka-python's): a user's counts, vector and plays share one partition number;
+        # plays produced elsewhere (another client's partitioner) are forwarded to it (repartition).
         table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
         # user -> {counts per track, folded-in vector}: one changelog record per changed user
         self.users = app.Table(USER_STATE_TABLE, **table)
@@ -149,10 +152,19 @@ class StreamWorker:
         self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)
         self.track_plays = app.topic(topics.track_plays, partitions=P, **raw)
+        self.plays_forward = app.topic(topics.repartition, partitions=P, **raw)
         self.plays_ingest = BatchIngest(
             app,
             topics.plays,
             self.on_plays,
+            max_batch=settings.max_batch,
+            max_latency_s=settings.max_latency_s,
+            ready=self.plays_ready,
+        )
+        self.forward_ingest = BatchIngest(
+            app,
+            topics.repartition,
+            self.on_forwarded_plays,
             max_batch=settings.max_batch,
             max_latency_s=settings.max_latency_s,
             ready=self.plays_ready,
@@ -259,7 +271,7 @@ class StreamWorker:
             for user, state in states.items():
                 key = user.encode()
                 current = self.user_state(user)
-                if current.offset != state.offset:
+                if current.stamp() != state.stamp():
                     continue  # plays arrived meanwhile: that batch folded the user in against this model
                 vector = vectors.get(user)
                 new = current._replace(version=live.version if vector is not None else None, vector=vector)
@@ -298,8 +310,10 @@ class StreamWorker:
         """One micro-batch of `plays` records: validate and count streams per user at once; the fold-in
         and the changelog write of the counted users follow in the background.
 
-        Counting is idempotent: each user's state records the offset of the last record applied
-        (a user's records all live in one partition), so a batch re-delivered after a crash between
+        Plays on another partition than their user's (a client whose partitioner is not murmur2, or a
+        keyless record) are forwarded to the user's partition of `plays.repartition` (`on_forwarded_plays`).
+        Counting is idempotent: each user's state records the offset of the last record applied from
+        the user's own partition, so a batch re-delivered after a crash between
         the table write and the offset commit is not counted twice; a play whose `event_id` is among the
         user's RECENT_EVENT_IDS latest (a client's re-send: another record) is skipped and counted in
         `playrec_duplicate_events_total`. Counting never waits for a
@@ -311,7 +325,7 @@ class StreamWorker:
         """
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        events: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]] = defaultdict(list)
         partitions: dict[str, int] = {}
         partition_of = self.partitioner
         for message in batch:
@@ -319,19 +333,65 @@ class StreamWorker:
             if event is None:
                 await self._dead_letter(message, reason)
                 continue
-            if message.key is None:
-                await self._dead_letter(message, "record has no key: events must be keyed by user id")
+            key = message.key if message.key is not None else event.user.encode("utf-8")
+            home = partition_of(key)
+            if message.partition != home:  # another client's partitioner: counted by the user's partition
+                await self._forward(message, key, home)
                 continue
-            expected = partition_of(message.key)
-            if message.partition != expected:
-                await self._dead_letter(
-                    message,
-                    f"record on partition {message.partition} but its key hashes to {expected}: "
-                    "produce with the default (murmur2) partitioner",
-                )
+            events[event.user, None].append((message.offset, event.track, event.ms_played, event.event_id))
+            partitions[event.user] = home
+        return await self._count(events, partitions, len(batch), started)
+
+    async def on_forwarded_plays(self, batch: list[Any]) -> asyncio.Future | None:
+        """One micro-batch of `plays.repartition` records (plays another worker read from a partition other
+        than their user's): validated like plays, plus the forwarding header and the partition; each is
+        applied once per (user, source partition) by its source offset (a forwarder re-sends a suffix
+        after a crash). Returns the completion like `on_plays`."""
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]] = defaultdict(list)
+        partitions: dict[str, int] = {}
+        partition_of, P = self.partitioner, self.settings.partitions
+        for message in batch:
+            event, reason = decode_play(message.key, message.value, now_ms)
+            source = read_source(message.headers, P) if event is not None else None
+            if isinstance(source, str):
+                event, reason = None, source
+            elif event is not None and message.key is None:
+                event, reason = None, "forwarded play without a key"
+            elif event is not None and message.partition != partition_of(message.key):
+                event, reason = None, f"forwarded play on partition {message.partition}, not its user's"
+            elif event is not None and source[0] == message.partition:
+                event, reason = None, "forwarded play from its own user's partition"
+            if event is None:
+                await self._dead_letter(message, reason)
                 continue
-            events[event.user].append((message.offset, event.track, event.ms_played, event.event_id))
+            events[event.user, source[0]].append((source[1], event.track, event.ms_played, event.event_id))
             partitions[event.user] = message.partition
+        return await self._count(events, partitions, len(batch), started)
+
+    async def _forward(self, message: Any, key: bytes, home: int) -> None:
+        """Re-send a play read from the wrong partition to its user's partition of `plays.repartition`
+        (delivered before the batch's offsets are committed: faust's commit flushes the producer)."""
+        self.metrics.forwarded.inc()
+        await self.plays_forward.send(
+            key=key,
+            value=message.value,
+            partition=home,
+            timestamp=message.timestamp / 1000.0 if message.timestamp else None,
+            headers=[source_header(message.partition, message.offset)],
+        )
+
+    async def _count(
+        self,
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]],
+        partitions: dict[str, int],
+        n_records: int,
+        started: float,
+    ) -> asyncio.Future | None:
+        """Count `events` {(user, source partition or None for the user's own): [(offset, track, ms_played,
+        event_id)] in offset order} into the users' rows, skipping what each row already applied; the
+        counted users become pending for the next fold-in, whose completion is returned."""
         if self._unfolded_events >= MAX_UNFOLDED_EVENTS:  # fold-ins fell behind: wait for the one running
             await self._wait_fold_task()
         await self._check_state_cache()
@@ -340,10 +400,13 @@ class StreamWorker:
         frozen = self._frozen
         pending = self._pending
         stale, next_fold = self._stale, self._fold_seq + 1
-        for user, plays in events.items():
+        for (user, source), plays in events.items():
             state = cached(user)
-            offset = state.offset
-            fresh = fresh_plays(plays, offset)
+            if source is None:
+                applied_offset = state.offset
+            else:
+                applied_offset = -1 if state.sources is None else state.sources.get(source, -1)
+            fresh = fresh_plays(plays, applied_offset)
             if not fresh:
                 continue  # re-delivered after a crash: already counted
             counts = state.counts  # the cached row's dict, updated in place ...
@@ -352,7 +415,7 @@ class StreamWorker:
                 frozen.discard(user)
             entry = pending.get(user)
             if entry is None:
-                entry = pending[user] = _Pending(offset, {}, partitions[user])
+                entry = pending[user] = _Pending(state.stamp(), {}, partitions[user])
             added = entry.added
             before = streams
             recent = state.recent
@@ -370,16 +433,21 @@ class StreamWorker:
                     streams += 1
             if streams > before:
                 stale[user] = next_fold
-            self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
+            if source is None:
+                self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
+            else:
+                sources = dict(state.sources or {})
+                sources[source] = fresh[-1][0]
+                self._states[user] = state._replace(counts=counts, recent=recent, sources=sources)
         self.metrics.events.inc(applied)
         if duplicates:
             self.metrics.duplicates.inc(duplicates)
         self.metrics.streams.inc(streams)
-        self.metrics.batch_events.observe(len(batch))
+        self.metrics.batch_events.observe(n_records)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         if not pending:
             return None
-        self._unfolded_events += len(batch)
+        self._unfolded_events += n_records
         if self._pending_done is None:
             self._pending_done = asyncio.get_running_loop().create_future()
         done = self._pending_done
@@ -494,7 +562,7 @@ class StreamWorker:
         if live is not None:
             for user, entry in pending.items():
                 if not entry.added:  # the offset moved without streams: a cached system stays valid
-                    live.advance(user, entry.before, states[user].offset)
+                    live.advance(user, entry.before, states[user].stamp())
             if any(entry.added for entry in pending.values()):
                 vectors, rows = await self._solve(live, states, pending, seq)
         entries, olds, news = [], [], []
@@ -572,7 +640,7 @@ class StreamWorker:
         def fold() -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
             """Reads only the fold-in's own `states` and `pending` (handed over, frozen)."""
             changes = {
-                user: live.change(user, entry.before, states[user].offset, entry.added, states[user].counts)
+                user: live.change(user, entry.before, states[user].stamp(), entry.added, states[user].counts)
                 for user, entry in pending.items()
                 if entry.added
             }
@@ -737,8 +805,8 @@ def fresh_plays(plays: list[tuple], applied: int) -> list[tuple]:
 
 
 class _Pending:
-    """A user counted since the last fold-in started: state offset before, streams added per track,
-    partition."""
+    """A user counted since the last fold-in started: state stamp (`UserState.stamp`) before, streams
+    added per track, partition."""
 
     __slots__ = ("added", "before", "partition")
 
