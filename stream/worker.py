@@ -56,6 +56,7 @@ from stream.codec import (
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
+from stream.internal_records import decode_takedown, decode_track_play, decode_track_vector
 from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
@@ -214,7 +215,10 @@ class StreamWorker:
         live = LiveModel(model, search_k=self.settings.search_k)
         live.take_down(t for t, down in self.takedowns.items() if down)
         if self.track_vectors:
-            live.add_tracks({t: v for t, v in self.track_vectors.items() if t not in live.item_index})
+            # (a vector of another factor count cannot be scored at all; issue #12 item 1: re-solve instead)
+            live.add_tracks(
+                {t: v for t, v in self.track_vectors.items() if t not in live.item_index and len(v) == live.k}
+            )
         self.live = live  # one assignment: requests see the old or the new model, never a mix
         self.metrics.model_loads.inc()
         self.metrics.new_tracks.set(len(live.new_ids))
@@ -665,19 +669,17 @@ class StreamWorker:
         touched: dict[str, Any] = {}
         state: dict[str, dict] = {}
         for message in batch:
-            try:
-                body = unpack_message(message.value)
-                track, user = str(body["track"]), str(body["user"])
-            except Exception as exc:  # written by our own workers; report, never stop
-                log.warning("malformed track-play at %s/%s: %s", message.partition, message.offset, exc)
+            play, reason = decode_track_play(message.value)
+            if play is None:  # workers write this topic, but so can anyone: dead-letter, never stop
+                await self._dead_letter(message, f"track-play: {reason}")
                 continue
+            track, user = play.track, play.user
             if track not in state:
-                raw = self.listeners.get(track.encode())
-                state[track] = unpack_message(raw) if raw is not None else {}
+                state[track] = self._listeners_row(track)
             entry = state[track].get(user, [0, None])
-            entry[0] = int(body["count"])
-            if body.get("x") is not None:
-                entry[1] = body["x"]
+            entry[0] = play.count
+            if play.x is not None:
+                entry[1] = play.x
             state[track][user] = entry
             touched[track] = message
         ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -711,18 +713,45 @@ class StreamWorker:
                     headers=None,
                 )
 
+    def _listeners_row(self, track: str) -> dict:
+        """The track's listeners row {user: [count, vector bytes | None]}; a damaged row is logged and
+        started afresh (its listeners count again as they stream)."""
+        raw = self.listeners.get(track.encode())
+        if raw is None:
+            return {}
+        try:
+            row = unpack_message(raw)
+            if isinstance(row, dict) and all(isinstance(v, list) and len(v) == 2 for v in row.values()):
+                return row
+            problem = "not a map of [count, vector] pairs"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:120]}"
+        log.error("track-listeners row of %r is damaged (%s): started afresh", track[:60], problem)
+        return {}
+
+    async def _dead_letter_broadcast(self, record: Any, reason: str) -> None:
+        """Dead-letter a bad record of a topic every worker reads, once: by the worker that owns the
+        same-numbered partition of `plays` (partition modulo P); the others only log it."""
+        partition = record.partition % self.settings.partitions
+        try:
+            assignment = self.app.consumer.assignment()
+            owned = any(tp.topic == self.topics.plays and tp.partition == partition for tp in assignment)
+        except Exception:  # consumer not started yet
+            owned = False
+        if owned:
+            await self._dead_letter(record, reason)
+        else:
+            log.warning("bad record %s/%s/%s: %s", record.topic, record.partition, record.offset, reason)
+
     async def on_track_vectors(self, records: list[Any]) -> None:
         fresh: dict[str, np.ndarray] = {}
         for record in records:
-            try:
-                body = unpack_message(record.value)
-                vector = np.frombuffer(body["x"], "<f4").astype(np.float32)
-                track = str(body["track"])
-            except Exception as exc:
-                log.warning("malformed track vector at offset %s: %s", record.offset, exc)
+            solved, reason = decode_track_vector(record.value)
+            if solved is None:
+                await self._dead_letter_broadcast(record, f"track-vector: {reason}")
                 continue
-            self.track_vectors[track] = vector
-            fresh[track] = vector
+            self.track_vectors[solved.track] = solved.vector
+            fresh[solved.track] = solved.vector
         live = self.live
         if live is not None and fresh:
             live.add_tracks({t: v for t, v in fresh.items() if t not in live.item_index and len(v) == live.k})
@@ -740,11 +769,11 @@ class StreamWorker:
     async def on_takedowns(self, records: list[Any]) -> None:
         changed: dict[str, bool] = {}
         for record in records:
-            try:
-                body = unpack_message(record.value)
-                changed[str(body["track"])] = bool(body["taken_down"])
-            except Exception as exc:
-                log.warning("malformed take-down at offset %s: %s", record.offset, exc)
+            takedown, reason = decode_takedown(record.value)
+            if takedown is None:
+                await self._dead_letter_broadcast(record, f"take-down: {reason}")
+                continue
+            changed[takedown.track] = takedown.taken_down
         self.takedowns.update(changed)
         live = self.live
         if live is not None:

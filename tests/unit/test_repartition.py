@@ -50,14 +50,14 @@ def play(user: str, track: str) -> bytes:
     return encode_play(user, track, 1_700_000_000_000, 200_000)[1]
 
 
-def other_partition(worker, user: str) -> int:
-    return (worker.partitioner(user.encode()) + 1) % worker.settings.partitions
+def other_partition(w, user: str) -> int:
+    return (w.partitioner(user.encode()) + 1) % w.settings.partitions
 
 
-def as_repartition_records(worker, sends: list[dict], first_offset: int) -> list[Record]:
+def as_repartition_records(w, sends: list[dict], first_offset: int) -> list[Record]:
     """What the owner reads back: the forwarded sends as records of `plays.repartition`."""
     return [
-        Record(worker.topics.repartition, s["partition"], first_offset + i, s["key"], s["value"], tuple(s["headers"]))
+        Record(w.topics.repartition, s["partition"], first_offset + i, s["key"], s["value"], tuple(s["headers"]))
         for i, s in enumerate(sends)
     ]
 
@@ -185,7 +185,7 @@ def test_source_header_round_trip_and_state_stamp():
     assert read_source([source_header(3, 42)], 8) == (3, 42)
     assert isinstance(read_source([], 8), str)
     base = UserState({}, offset=4)
-    grown = [base, base._replace(sources={1: 0}), base._replace(sources={1: 1}), base._replace(offset=5, sources={1: 1})]
+    grown = [base, *(base._replace(offset=o, sources=src) for o, src in ((4, {1: 0}), (4, {1: 1}), (5, {1: 1})))]
     assert [s.stamp() for s in grown] == sorted({s.stamp() for s in grown})  # strictly growing
     state = UserState({"t": 2}, offset=7, sources={2: 9, 5: 0})
     assert unpack_user(pack_user(state)).sources == {2: 9, 5: 0}
