@@ -248,6 +248,17 @@ def test_two_workers_split_partitions_and_take_over(env):
     for user, counts in list(shared.expected.items())[:40]:
         assert a.get(f"/users/{user}/plays")["plays"] == counts
         assert b.get(f"/users/{user}/plays")["plays"] == counts
+    # a client cannot skip routing with the routing header: a non-owner refuses instead of answering empty
+    owned_by_b = [
+        u for u in shared.expected if b.request(f"/users/{u}/plays", headers={"X-Playrec-Routed": "1"})[0] == 200
+    ]
+    assert owned_by_b and len(owned_by_b) < len(shared.expected)
+    for user in shared.expected:
+        status, body = a.request(f"/users/{user}/plays", headers={"X-Playrec-Routed": "1"})
+        if user in owned_by_b:
+            assert status == 503 and "does not own" in body["error"], (user, status, body)
+        else:
+            assert (status, body["plays"]) == (200, shared.expected[user]), user
     b.kill()
     wait_for(lambda: (a.ready() or {}).get("partitions") == list(range(8)), 90, "worker a to take over")
     send_play(env, "after-takeover", "t1")
