@@ -195,38 +195,64 @@ class StreamWorker:
 
     # -- model ---------------------------------------------------------------------------------
     def load_current(self) -> bool:
-        """Load the store's CURRENT version if it differs from the live one; True when swapped."""
+        """Load the store's CURRENT version if it differs from the live one; True when swapped (start-up,
+        before the event loop runs)."""
+        version = self._current_version()
+        if version is None:
+            return False
+        takedowns, vectors = dict(self.takedowns), dict(self.track_vectors)
+        live = self._build_live(version, takedowns, vectors)
+        return live is not None and self._install(live, takedowns, vectors)
+
+    def _current_version(self) -> str | None:
+        """The store's CURRENT version when it differs from the live one, else None."""
         try:
             version = self.store.current_version()
         except ModelStoreError as exc:
             if self.live is None:
                 log.warning("no model yet (%s); counting plays and waiting for a model", exc)
-            return False
+            return None
         if self.live is not None and self.live.version == version:
-            return False
-        return self._swap(version)
+            return None
+        return version
 
-    def _swap(self, version: str) -> bool:
+    def _build_live(
+        self, version: str, takedowns: Mapping[str, bool], vectors: Mapping[str, np.ndarray]
+    ) -> LiveModel | None:
+        """Load `version` and build its LiveModel with the take-downs and folded-in track vectors of a
+        snapshot (any thread: it reads nothing the event loop mutates); None when it cannot be loaded."""
         try:
             model = self.store.load(version)
         except ModelStoreError as exc:
             log.error("cannot load model %s: %s; keeping %s", version, exc, self.live and self.live.version)
-            return False
+            return None
         live = LiveModel(model, search_k=self.settings.search_k)
-        live.take_down(t for t, down in self.takedowns.items() if down)
-        if self.track_vectors:
+        live.take_down(t for t, down in takedowns.items() if down)
+        if vectors:
             # (a vector of another factor count cannot be scored at all; issue #12 item 1: re-solve instead)
-            live.add_tracks(
-                {t: v for t, v in self.track_vectors.items() if t not in live.item_index and len(v) == live.k}
-            )
+            live.add_tracks({t: v for t, v in vectors.items() if t not in live.item_index and len(v) == live.k})
+        return live
+
+    def _install(self, live: LiveModel, takedowns: Mapping[str, bool], vectors: Mapping[str, np.ndarray]) -> bool:
+        """Make `live` (built from the snapshot `takedowns` / `vectors`) the live model, on the event loop:
+        first replay the take-downs and track vectors that arrived while it was built (the handlers
+        change `self.takedowns` / `self.track_vectors` on this loop only), then swap in one assignment,
+        with no await in between, so no take-down is lost and none is served."""
+        for track, down in self.takedowns.items():
+            if takedowns.get(track) != down:
+                (live.take_down if down else live.restore)([track])
+        arrived = {t: v for t, v in self.track_vectors.items() if vectors.get(t) is not v}
+        arrived = {t: v for t, v in arrived.items() if t not in live.item_index and len(v) == live.k}
+        if arrived:
+            live.add_tracks(arrived)
         self.live = live  # one assignment: requests see the old or the new model, never a mix
         self.metrics.model_loads.inc()
         self.metrics.new_tracks.set(len(live.new_ids))
         log.info(
             "model %s live: %d users x %d tracks, %d folded-in tracks",
-            version,
-            len(model.user_ids),
-            len(model.item_ids),
+            live.version,
+            len(live.user_index),
+            len(live.item_index),
             len(live.new_ids),
         )
         return True
@@ -244,15 +270,20 @@ class StreamWorker:
             await self._load_and_refold(update["version"])
 
     async def _load_and_refold(self, version: str | None) -> None:
+        """Swap to `version` (None: the store's CURRENT) if it is not live, then re-fold the local users.
+        The model is built off the loop from a snapshot of the take-downs and track vectors, and
+        installed on the loop (`_install`), which replays what arrived meanwhile."""
         async with self._swap_lock:
             loop = asyncio.get_running_loop()
             if version is None:
-                swapped = await loop.run_in_executor(None, self.load_current)
+                version = await loop.run_in_executor(None, self._current_version)
+                if version is None:
+                    return
             elif self.live is not None and self.live.version == version:
                 return
-            else:
-                swapped = await loop.run_in_executor(None, self._swap, version)
-            if swapped:
+            takedowns, vectors = dict(self.takedowns), dict(self.track_vectors)
+            live = await loop.run_in_executor(None, self._build_live, version, takedowns, vectors)
+            if live is not None and self._install(live, takedowns, vectors):
                 await self.refold_local_users()
 
     async def refold_local_users(self) -> None:
