@@ -113,6 +113,9 @@ class StreamWorker:
         self._states: dict[str, UserState] = {}
         self._states_generation: int | None = None
         self._swap_lock = asyncio.Lock()
+        #: the re-fold after a swap (a tracked task: stopped before partitions are revoked) and its stop flag
+        self._refold_task: asyncio.Task | None = None
+        self._refold_stop = False
         P = settings.partitions
         self.topics = topics = settings.topics
         self.app = app = faust.App(
@@ -284,16 +287,44 @@ class StreamWorker:
             takedowns, vectors = dict(self.takedowns), dict(self.track_vectors)
             live = await loop.run_in_executor(None, self._build_live, version, takedowns, vectors)
             if live is not None and self._install(live, takedowns, vectors):
-                await self.refold_local_users()
+                await self._stop_refold()  # a re-fold against the previous model is moot now
+                self._refold_stop = False
+                self._refold_task = asyncio.ensure_future(self.refold_local_users())
+
+    async def _stop_refold(self) -> None:
+        """Stop the re-fold and wait until it has returned: it finishes at most the chunk it is solving
+        (whose write, if it reached it, has been acknowledged) and writes nothing after this returns."""
+        task = self._refold_task
+        if task is None or task.done():
+            return
+        self._refold_stop = True
+        with contextlib.suppress(Exception):  # its failure is logged by itself
+            await asyncio.shield(task)
 
     async def refold_local_users(self) -> None:
-        """After a swap: re-solve every user this worker holds counts for against the new model."""
+        """After a swap: re-solve every user of the partitions this worker holds against the new model, a
+        chunk at a time. Runs as `_refold_task`: a revocation (or a newer swap) stops it between chunks,
+        and a chunk writes only rows of partitions still assigned, so no row of a partition another worker
+        owns now is written. Users it did not reach are solved on their next play or request
+        (`serving_vector` never serves a vector of another model version)."""
         live = self.live
         if live is None:
             return
+        try:
+            await self._refold(live)
+        except Exception:
+            log.exception(
+                "re-fold against model %s failed; users are solved on their next play or request", live.version
+            )
+
+    async def _refold(self, live: LiveModel) -> None:
         users = list(dict.fromkeys([*(key for key, _ in self.users.items()), *(u.encode() for u in self._states)]))
         loop = asyncio.get_running_loop()
+        written = 0
         for start in range(0, len(users), REFOLD_BATCH):
+            if self._refold_stop or self.live is not live:
+                log.info("re-fold against model %s stopped after %d of %d users", live.version, written, len(users))
+                return
             states = {}
             for key in users[start : start + REFOLD_BATCH]:
                 try:
@@ -302,9 +333,15 @@ class StreamWorker:
                     log.error("user-state row %r is damaged, not re-folded: %s", key[:60], exc)
             full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
             vectors = await loop.run_in_executor(None, live.fold_in_users, full)
+            if self._refold_stop or self.live is not live:  # revoked (or swapped again) while solving
+                continue
+            assigned = set(self.assigned_partitions())
             entries = []
             for user, state in states.items():
                 key = user.encode()
+                partition = self.partitioner(key)
+                if partition not in assigned:
+                    continue  # another worker owns this user now: its row is not ours to write
                 current = self.user_state(user)
                 if current.stamp() != state.stamp():
                     continue  # plays arrived meanwhile: that batch folded the user in against this model
@@ -312,11 +349,12 @@ class StreamWorker:
                 new = current._replace(version=live.version if vector is not None else None, vector=vector)
                 if user in self._states:
                     self._states[user] = new
-                entries.append((key, pack_user(new), self.partitioner(key)))
+                entries.append((key, pack_user(new), partition))
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
-            self.metrics.user_fold_ins.inc(len(vectors))
+            written += len(entries)
+            self.metrics.user_fold_ins.inc(len(entries))
             await asyncio.sleep(0)  # let requests in between chunks
-        log.info("re-folded %d users against model %s", len(users), live.version)
+        log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
 
     # -- plays ---------------------------------------------------------------------------------
     def user_state(self, user: str) -> UserState:
@@ -548,7 +586,9 @@ class StreamWorker:
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the counted users' fold-in and write before partitions move: their rows must reach the
         changelog before the next owner recovers them (a later write from here would overwrite the new
-        owner's rows). The decoded rows are dropped: the next generation refills them from the store."""
+        owner's rows). The decoded rows are dropped: the next generation refills them from the store. A
+        re-fold in progress is stopped first (it would write rows of partitions that move)."""
+        await self._stop_refold()
         await self.drain_fold_ins()
         self._states.clear()
         self._stale.clear()

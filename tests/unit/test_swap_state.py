@@ -99,3 +99,75 @@ def test_a_swap_to_another_factor_count_skips_vectors_it_cannot_score(store, tmp
     asyncio.run(worker._load_and_refold(other_k))
     assert worker.live.version == other_k and worker.live.k == PARAMS.factors + 3
     assert "fresh-track" not in worker.live
+
+
+def test_a_refold_writes_no_row_of_a_revoked_partition_after_the_revocation(store, tmp_path, monkeypatch):
+    """Issue #12 item 3: the re-fold after a swap is stopped by a revocation and never writes afterwards;
+    rows of partitions no longer assigned are never written by it."""
+    import stream.worker as worker_module
+    from batch.user_state import UserState, pack_user
+
+    monkeypatch.setattr(worker_module, "REFOLD_BATCH", 20)
+    worker = StreamWorker(WorkerSettings(bootstrap="127.0.0.1:9", store=store.root, data_dir=tmp_path / "data"))
+    P = worker.settings.partitions
+    users = [f"u{i}" for i in range(60)]
+    for user in users:  # counted users of every partition, with vectors of the current model
+        worker.users.data[user.encode()] = pack_user(UserState({"t1": 2, "t3": 1}, offset=5))
+    assigned = set(range(P))
+    worker.assigned_partitions = lambda: sorted(assigned)
+    writes: list[tuple[str, int, bool]] = []  # (user, partition, after the revocation returned)
+    revoked_done = threading.Event()
+
+    async def write(entries):
+        writes.extend((key.decode(), partition, revoked_done.is_set()) for key, _, partition in entries)
+
+    worker.user_writer.write = write
+    new_version = train_and_publish(
+        COUNTS, store, AlsParams(factors=PARAMS.factors, iterations=3, seed=7), holdout=0, show_progress=False
+    ).version
+    entered, release = threading.Event(), threading.Event()
+    fold_in_users = LiveModel.fold_in_users
+    calls = []
+
+    def gated(self, full):
+        calls.append(len(full))
+        if len(calls) == 2 and threading.current_thread() is not threading.main_thread():
+            entered.set()  # the second chunk is being solved: revoke now
+            assert release.wait(30), "never released"
+        return fold_in_users(self, full)
+
+    monkeypatch.setattr(LiveModel, "fold_in_users", gated)
+    revoked = {p for p in range(P) if p % 2}
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        await worker._load_and_refold(new_version)
+        assert await loop.run_in_executor(None, entered.wait, 30), "the re-fold never reached its second chunk"
+        assigned.difference_update(revoked)
+        revocation = asyncio.ensure_future(worker._on_partitions_revoked(worker.app, revoked))
+        await asyncio.sleep(0)
+        release.set()
+        await revocation
+        revoked_done.set()
+        # a second swap's re-fold runs on the smaller assignment: it writes only the partitions still held
+        third = await loop.run_in_executor(
+            None,
+            lambda: (
+                train_and_publish(
+                    COUNTS,
+                    store,
+                    AlsParams(factors=PARAMS.factors, iterations=3, seed=8),
+                    holdout=0,
+                    show_progress=False,
+                ).version
+            ),
+        )
+        await worker._load_and_refold(third)
+        await worker._refold_task
+
+    asyncio.run(scenario())
+    first_chunk = [w for w in writes if not w[2]]
+    assert len(first_chunk) == 20  # the chunk solved before the revocation
+    assert all(not after or partition not in revoked for _, partition, after in writes), "wrote a revoked row"
+    later = {user for user, _, after in writes if after}
+    assert later == {u for u in users if worker.partitioner(u.encode()) not in revoked}
