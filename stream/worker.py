@@ -336,7 +336,7 @@ class StreamWorker:
             if self._refold_stop or self.live is not live:  # revoked (or swapped again) while solving
                 continue
             assigned = set(self.assigned_partitions())
-            entries = []
+            entries, olds, news = [], [], []
             for user, state in states.items():
                 key = user.encode()
                 partition = self.partitioner(key)
@@ -349,7 +349,13 @@ class StreamWorker:
                 new = current._replace(version=live.version if vector is not None else None, vector=vector)
                 if user in self._states:
                     self._states[user] = new
+                if vector is not None:  # X^T X of the new model holds the user's model row (or nothing)
+                    old = live.model_user_vector(user)
+                    olds.append(np.zeros(live.k, np.float32) if old is None else old)
+                    news.append(vector)
                 entries.append((key, pack_user(new), partition))
+            if news:  # (additive: its order against a concurrent fold-in's update does not matter)
+                live.users_moved(np.stack(olds), np.stack(news))
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
             written += len(entries)
             self.metrics.user_fold_ins.inc(len(entries))

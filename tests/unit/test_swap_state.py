@@ -171,3 +171,71 @@ def test_a_refold_writes_no_row_of_a_revoked_partition_after_the_revocation(stor
     assert all(not after or partition not in revoked for _, partition, after in writes), "wrote a revoked row"
     later = {user for user, _, after in writes if after}
     assert later == {u for u in users if worker.partitioner(u.encode()) not in revoked}
+
+
+def test_user_gram_equals_a_from_scratch_gram_after_a_swap_a_refold_and_10000_fold_ins(store, tmp_path):
+    """Issue #12 item 4: the X^T X the track half-step uses is the model's users' factors with each row
+    replaced by the user's current fold-in vector (and new users' vectors added), as this worker knows
+    them; kept exact through a swap, its re-fold and 10,000 user fold-ins."""
+    import random
+
+    from batch.user_state import UserState, pack_user
+    from stream.events import encode_play
+
+    worker = StreamWorker(WorkerSettings(bootstrap="127.0.0.1:9", store=store.root, data_dir=tmp_path / "data"))
+    worker.assigned_partitions = lambda: list(range(worker.settings.partitions))
+
+    async def write(entries):
+        for key, value, _ in entries:
+            worker.users.data[key] = value
+
+    async def track_side(**kwargs):
+        pass
+
+    worker.user_writer.write = write
+    worker.track_plays.send = track_side
+    for i in range(40):  # counted before the swap: model users and new ones
+        user = f"u{i}" if i % 2 else f"new{i}"
+        worker.users.data[user.encode()] = pack_user(UserState({"t1": 2, f"t{i % 30}": 1}, offset=0))
+    rng = random.Random(4)
+    version = train_and_publish(
+        COUNTS, store, AlsParams(factors=PARAMS.factors, iterations=3, seed=11), holdout=0, show_progress=False
+    ).version
+
+    async def scenario():
+        await worker._load_and_refold(version)
+        await worker._refold_task
+        offset = 1
+
+        def solved() -> float:
+            return worker.metrics.registry.get_sample_value("playrec_user_fold_ins_total")
+
+        while solved() < 10_000 + 40:  # batches of 100 plays until 10,000 user fold-ins (after the re-fold)
+            batch = []
+            for _ in range(100):
+                user = rng.choice([f"u{rng.randrange(60)}", f"new{rng.randrange(80)}", f"x{rng.randrange(500)}"])
+                key, value = encode_play(user, f"t{rng.randrange(40)}", 1_700_000_000_000, 200_000)
+                batch.append(Record(worker.topics.plays, worker.partitioner(key), offset, key, value))
+                offset += 1
+            await worker.on_plays(batch)
+            await worker.drain_fold_ins()
+
+    asyncio.run(scenario())
+    live = worker.live
+    assert live.version == version
+    assert worker.metrics.registry.get_sample_value("playrec_user_fold_ins_total") >= 10_000
+    X = np.asarray(live.model.user_factors, np.float64).copy()
+    extra = []
+    for key in worker.users.data:
+        state = worker.user_state(key.decode())
+        if state.vector is None or state.version != live.version:
+            continue
+        row = live.user_index.get(key.decode())
+        if row is None:
+            extra.append(state.vector)
+        else:
+            X[row] = state.vector
+    X = np.vstack([X, np.asarray(extra, np.float64)]) if extra else X
+    scratch = X.T @ X
+    error = np.linalg.norm(live.user_gram - scratch) / np.linalg.norm(scratch)
+    assert error < 1e-4, error
