@@ -34,6 +34,7 @@ class TrackPlay(NamedTuple):
     user: str
     count: int
     x: bytes | None
+    version: str | None = None  # model version `x` was solved against
 
 
 class TrackVector(NamedTuple):
@@ -83,7 +84,8 @@ def _vector(value: Any, name: str) -> tuple[np.ndarray | None, str]:
 
 
 def decode_track_play(value: Any) -> tuple[TrackPlay | None, str]:
-    """`{"track", "user", "count": int >= 0, "x": float32 bytes | None}` or the reason it is not one."""
+    """`{"track", "user", "count": int >= 0, "x": float32 bytes | None[, "v": model version of x]}` or the
+    reason it is not one."""
     body, reason = _map(value)
     if body is None:
         return None, reason
@@ -101,7 +103,10 @@ def decode_track_play(value: Any) -> tuple[TrackPlay | None, str]:
         _, reason = _vector(x, "x")
         if reason:
             return None, reason
-    return TrackPlay(track, user, count, x), ""
+    version = body.get("v")
+    if version is not None and type(version) is not str:
+        return None, f"field 'v' is {type(version).__name__}, expected str"
+    return TrackPlay(track, user, count, x, version), ""
 
 
 def decode_track_vector(value: Any) -> tuple[TrackVector | None, str]:

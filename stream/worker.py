@@ -10,11 +10,13 @@ One `StreamWorker` owns a faust app with:
 - user fold-in: every user whose counts changed in a batch gets the exact half-step against the
   current item factors from their FULL counts, batched; vectors live in the `user-vectors` table so
   they survive restarts and rebalances;
-- track fold-in: plays of tracks the model does not know are forwarded, with the listener's vector,
-  to `track-plays` (keyed by track); the owner of the track's partition keeps its listeners in the
-  `track-listeners` table and, from `min_listeners` distinct listeners on, solves the item half-step
-  and publishes the vector on the compacted `track-vectors` topic, which every worker reads and
-  inserts into its index;
+- track fold-in: each fold-in sends the listener's streams of the tracks the model does not know,
+  with the listener's vector and its model version, to `track-plays` (keyed by track); the owner of
+  the track's partition keeps bounded per-track statistics in the `track-listeners` table
+  (stream/track_state.py) and, from `min_listeners` listeners with vectors on, solves the exact item
+  half-step (again at every doubling, and within 5 s of the last change) and publishes the
+  version-tagged vector on the compacted `track-vectors` topic, which every worker reads and inserts
+  into its index when it matches its live model;
 - the model: loaded (memory-mapped) from the store at start, swapped when `model-updates` announces
   a version (or CURRENT changes), after which the worker re-folds its users against the new model.
 
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import faust
@@ -52,7 +55,6 @@ from stream.changelog import BulkTableWriter
 from stream.codec import (
     pack_message,
     parse_model_update,
-    unpack_message,
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
@@ -64,11 +66,26 @@ from stream.repartition import read_source, source_header
 from stream.settings import WorkerSettings
 from stream.table_store import StateTable
 from stream.topics import LISTENERS_TABLE
+from stream.track_state import (
+    Listener,
+    TrackStats,
+    confidence_weight,
+    listener_key,
+    pack_listener,
+    pack_stats,
+    stats_key,
+    unpack_listener,
+    unpack_stats,
+)
 
 log = logging.getLogger(__name__)
 
 #: Seconds between checks of the store's CURRENT pointer (a fallback for a missed announcement).
 CURRENT_POLL_S = 5.0
+#: Seconds between re-solves of new tracks whose listeners changed since their last solve.
+TRACK_RESOLVE_S = 5.0
+#: Most new tracks re-solved per TRACK_RESOLVE_S (each is announced to every worker).
+MAX_TRACK_RESOLVES = 1000
 #: Users re-folded per batch after a model swap.
 REFOLD_BATCH = 2000
 #: Decoded user-state rows kept in memory (the cache is dropped, and refilled lazily from the table's
@@ -94,7 +111,8 @@ class StreamWorker:
         self.metrics = WorkerMetrics()
         self.store = ModelStore(settings.store)
         self.live: LiveModel | None = None
-        self.track_vectors: dict[str, np.ndarray] = {}
+        #: folded-in track -> (vector, model version it was solved against), as `track-vectors` says
+        self.track_vectors: dict[str, tuple[np.ndarray, str | None]] = {}
         self.partitioner = KeyPartitioner(settings.partitions)
         self._fold_task: asyncio.Future | None = None  # the fold-in (solve + write) running, if any
         #: users counted since the last fold-in started, the completion of their batches, their events
@@ -116,6 +134,8 @@ class StreamWorker:
         #: the re-fold after a swap (a tracked task: stopped before partitions are revoked) and its stop flag
         self._refold_task: asyncio.Task | None = None
         self._refold_stop = False
+        #: new tracks of this worker's track-plays partitions whose listeners changed since their last solve
+        self._dirty_tracks: dict[str, None] = {}
         P = settings.partitions
         self.topics = topics = settings.topics
         self.app = app = faust.App(
@@ -191,6 +211,7 @@ class StreamWorker:
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
+        app.timer(TRACK_RESOLVE_S)(self.resolve_tracks)
         from stream.web import register_views
 
         register_views(self)
@@ -220,7 +241,7 @@ class StreamWorker:
         return version
 
     def _build_live(
-        self, version: str, takedowns: Mapping[str, bool], vectors: Mapping[str, np.ndarray]
+        self, version: str, takedowns: Mapping[str, bool], vectors: Mapping[str, tuple[np.ndarray, str | None]]
     ) -> LiveModel | None:
         """Load `version` and build its LiveModel with the take-downs and folded-in track vectors of a
         snapshot (any thread: it reads nothing the event loop mutates); None when it cannot be loaded."""
@@ -231,12 +252,14 @@ class StreamWorker:
             return None
         live = LiveModel(model, search_k=self.settings.search_k)
         live.take_down(t for t, down in takedowns.items() if down)
-        if vectors:
-            # (a vector of another factor count cannot be scored at all; issue #12 item 1: re-solve instead)
-            live.add_tracks({t: v for t, v in vectors.items() if t not in live.item_index and len(v) == live.k})
+        servable = servable_tracks(live, vectors)
+        if servable:
+            live.add_tracks(servable)
         return live
 
-    def _install(self, live: LiveModel, takedowns: Mapping[str, bool], vectors: Mapping[str, np.ndarray]) -> bool:
+    def _install(
+        self, live: LiveModel, takedowns: Mapping[str, bool], vectors: Mapping[str, tuple[np.ndarray, str | None]]
+    ) -> bool:
         """Make `live` (built from the snapshot `takedowns` / `vectors`) the live model, on the event loop:
         first replay the take-downs and track vectors that arrived while it was built (the handlers
         change `self.takedowns` / `self.track_vectors` on this loop only), then swap in one assignment,
@@ -244,8 +267,7 @@ class StreamWorker:
         for track, down in self.takedowns.items():
             if takedowns.get(track) != down:
                 (live.take_down if down else live.restore)([track])
-        arrived = {t: v for t, v in self.track_vectors.items() if vectors.get(t) is not v}
-        arrived = {t: v for t, v in arrived.items() if t not in live.item_index and len(v) == live.k}
+        arrived = servable_tracks(live, {t: e for t, e in self.track_vectors.items() if vectors.get(t) is not e})
         if arrived:
             live.add_tracks(arrived)
         self.live = live  # one assignment: requests see the old or the new model, never a mix
@@ -358,6 +380,11 @@ class StreamWorker:
                 live.users_moved(np.stack(olds), np.stack(news))
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
             written += len(entries)
+            for key, _, _ in entries:  # the new tracks they streamed are solved again from the new vectors
+                user = key.decode()
+                if vectors.get(user) is not None and not self._refold_stop and self.live is live:
+                    state = self.user_state(user)
+                    await self._send_listener_updates(live, user, state.counts, vectors[user], state.counts)
             self.metrics.user_fold_ins.inc(len(entries))
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
@@ -676,20 +703,30 @@ class StreamWorker:
         await self.user_writer.write(entries)
         self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))
-        # plays of tracks the model does not know go to the track side, with the listener's vector
+        # tracks the model does not know learn from their listeners: a new vector updates the user's
+        # contribution to every such track they streamed (also those streamed before they had a vector)
         for user, entry in pending.items() if live is not None else ():
             vector = vectors.get(user)
-            for track in entry.added:
-                if track in live.item_index:
-                    continue
-                body = {
-                    "track": track,
-                    "user": user,
-                    "count": int(states[user].counts[track]),
-                    "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
-                }
-                await self.track_plays.send(key=track.encode(), value=pack_message(body))
+            tracks = states[user].counts if vector is not None else entry.added
+            await self._send_listener_updates(live, user, states[user].counts, vector, tracks)
         return vectors
+
+    async def _send_listener_updates(
+        self,
+        live: LiveModel,
+        user: str,
+        counts: Mapping[str, int],
+        vector: np.ndarray | None,
+        tracks: Iterable[str],
+    ) -> None:
+        """Send `user`'s streams of each of `tracks` the model does not know, with the user's `vector` (of
+        model `live.version`; None: counts only), to the track's owner on `track-plays`."""
+        x = None if vector is None else np.asarray(vector, "<f4").tobytes()
+        for track in tracks:
+            if track in live.item_index:
+                continue
+            body = {"track": track, "user": user, "count": int(counts[track]), "x": x, "v": live.version}
+            await self.track_plays.send(key=track.encode(), value=pack_message(body))
 
     async def _solve(
         self, live: LiveModel, states: dict[str, UserState], pending: dict[str, _Pending], seq: int
@@ -742,69 +779,89 @@ class StreamWorker:
 
     # -- new tracks ----------------------------------------------------------------------------
     async def on_track_plays(self, batch: list[Any]) -> None:
+        """One micro-batch of `track-plays`: each record is a listener's current streams of a new track and
+        their vector (stream/track_state.py). The listener's row and the track's bounded statistics are
+        updated (old contribution out, new one in), rows written once per batch; a track is solved when
+        it reaches `min_listeners` listeners with vectors of the live model and again at every doubling
+        of them, and a changed track is re-solved by the `resolve_tracks` timer within TRACK_RESOLVE_S
+        (so its vector is exact for all its listeners shortly after the last update)."""
         live = self.live
-        touched: dict[str, Any] = {}
-        state: dict[str, dict] = {}
+        if live is None:
+            return  # no model to solve against yet: the listeners send again when they are folded in
+        version, k, params = live.version, live.k, live.params
+        listeners: dict[bytes, Listener] = {}
+        stats: dict[str, TrackStats] = {}
         for message in batch:
             play, reason = decode_track_play(message.value)
             if play is None:  # workers write this topic, but so can anyone: dead-letter, never stop
                 await self._dead_letter(message, f"track-play: {reason}")
                 continue
-            track, user = play.track, play.user
-            if track not in state:
-                state[track] = self._listeners_row(track)
-            entry = state[track].get(user, [0, None])
-            entry[0] = play.count
+            track = play.track
+            if track in live.item_index:
+                continue  # the model knows it now
+            key = listener_key(track, play.user)
+            old = listeners.get(key) or unpack_listener(self.listeners.get(key))
             if play.x is not None:
-                entry[1] = play.x
-            state[track][user] = entry
-            touched[track] = message
-        ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        await self.listener_writer.write(
-            [(t.encode(), pack_message(state[t]), self.partitioner(t.encode())) for t in touched]
-        )
-        for track in touched:
-            with_vectors = [(c, x) for c, x in state[track].values() if x is not None and c > 0]
-            if live is not None and len(with_vectors) >= self.settings.min_listeners and track not in live.item_index:
-                ready[track] = (
-                    np.stack([np.frombuffer(x, "<f4") for _, x in with_vectors]).astype(np.float32),
-                    np.array([c for c, _ in with_vectors], np.float32),
-                )
-        if ready:
-            solved = live.fold_in_tracks(ready)
-            self.metrics.track_fold_ins.inc(len(solved))
-            producer = self.app.producer
-            for track, vector in solved.items():
-                body = {
-                    "track": track,
-                    "x": np.asarray(vector, "<f4").tobytes(),
-                    "listeners": len(ready[track][1]),
-                    "version": live.version,
-                }
-                await producer.send(
-                    self.topics.track_vectors,
-                    track.encode(),
-                    pack_message(body),
-                    partition=None,
-                    timestamp=None,
-                    headers=None,
-                )
+                new = Listener(play.count, play.x, play.version)
+            else:
+                new = Listener(play.count, old.x, old.version)
+            if new == old:
+                continue  # a re-sent update
+            track_stats = stats.get(track)
+            if track_stats is None:
+                track_stats = stats[track] = unpack_stats(self.listeners.get(stats_key(track)), version, k)
+            if old.count > 0:
+                track_stats.apply(old.x, old.version, confidence_weight(old.count, params), -1.0)
+            if new.count > 0:
+                track_stats.apply(new.x, new.version, confidence_weight(new.count, params), 1.0)
+            listeners[key] = new
+        if not stats:
+            return
+        solve_now: dict[str, TrackStats] = {}
+        for track, track_stats in stats.items():
+            if track_stats.listeners >= self.settings.min_listeners and (
+                track_stats.solved_at == 0 or track_stats.listeners >= 2 * track_stats.solved_at
+            ):
+                track_stats.solved_at = track_stats.listeners
+                solve_now[track] = track_stats
+            else:
+                self._dirty_tracks[track] = None  # the timer re-solves it
+        partition_of = self.partitioner
+        entries = [(key, pack_listener(row), partition_of(key.split(b"\x00")[1])) for key, row in listeners.items()]
+        entries += [(stats_key(t), pack_stats(st), partition_of(t.encode())) for t, st in stats.items()]
+        await self.listener_writer.write(entries)
+        for track, track_stats in solve_now.items():
+            self._dirty_tracks.pop(track, None)
+            await self._publish_track(live, track, track_stats)
 
-    def _listeners_row(self, track: str) -> dict:
-        """The track's listeners row {user: [count, vector bytes | None]}; a damaged row is logged and
-        started afresh (its listeners count again as they stream)."""
-        raw = self.listeners.get(track.encode())
-        if raw is None:
-            return {}
-        try:
-            row = unpack_message(raw)
-            if isinstance(row, dict) and all(isinstance(v, list) and len(v) == 2 for v in row.values()):
-                return row
-            problem = "not a map of [count, vector] pairs"
-        except Exception as exc:
-            problem = f"{type(exc).__name__}: {str(exc)[:120]}"
-        log.error("track-listeners row of %r is damaged (%s): started afresh", track[:60], problem)
-        return {}
+    async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> None:
+        """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`."""
+        vector = track_stats.solve(live.user_gram, live.params.reg)
+        self.metrics.track_fold_ins.inc()
+        body = {
+            "track": track,
+            "x": np.asarray(vector, "<f4").tobytes(),
+            "listeners": track_stats.listeners,
+            "version": track_stats.version,
+        }
+        await self.app.producer.send(
+            self.topics.track_vectors, track.encode(), pack_message(body), partition=None, timestamp=None, headers=None
+        )
+
+    async def resolve_tracks(self) -> None:
+        """Timer: re-solve the new tracks whose listeners changed since their last solve (at most
+        MAX_TRACK_RESOLVES per tick), on partitions this worker still owns."""
+        live = self.live
+        if live is None or not self._dirty_tracks:
+            return
+        assigned = set(self.assigned_partitions())
+        for track in list(itertools.islice(self._dirty_tracks, MAX_TRACK_RESOLVES)):
+            del self._dirty_tracks[track]
+            if track in live.item_index or self.partitioner(track.encode()) not in assigned:
+                continue
+            track_stats = unpack_stats(self.listeners.get(stats_key(track)), live.version, live.k)
+            if track_stats.listeners >= self.settings.min_listeners:
+                await self._publish_track(live, track, track_stats)
 
     async def _dead_letter_broadcast(self, record: Any, reason: str) -> None:
         """Dead-letter a bad record of a topic every worker reads, once: by the worker that owns the
@@ -827,11 +884,12 @@ class StreamWorker:
             if solved is None:
                 await self._dead_letter_broadcast(record, f"track-vector: {reason}")
                 continue
-            self.track_vectors[solved.track] = solved.vector
-            fresh[solved.track] = solved.vector
+            entry = self.track_vectors[solved.track] = (solved.vector, solved.version)
+            fresh[solved.track] = entry
         live = self.live
-        if live is not None and fresh:
-            live.add_tracks({t: v for t, v in fresh.items() if t not in live.item_index and len(v) == live.k})
+        servable = servable_tracks(live, fresh) if live is not None else {}
+        if servable:
+            live.add_tracks(servable)
             self.metrics.new_tracks.set(len(live.new_ids))
 
     # -- take-downs -----------------------------------------------------------------------------
@@ -895,6 +953,17 @@ class StreamWorker:
             self.metrics.lag.set(max(0, highwater - committed))
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
+
+
+def servable_tracks(live: LiveModel, vectors: Mapping[str, tuple[np.ndarray, str | None]]) -> dict[str, np.ndarray]:
+    """The folded-in track vectors `live` can serve: solved against its own model version (a vector of
+    another model lives in another latent basis; the track's owner re-solves it from its listeners' new
+    vectors after a swap) and not known to the model itself."""
+    return {
+        t: v
+        for t, (v, version) in vectors.items()
+        if version == live.version and t not in live.item_index and len(v) == live.k
+    }
 
 
 def fresh_plays(plays: list[tuple], applied: int) -> list[tuple]:

@@ -58,20 +58,21 @@ def offline_worker(store: ModelStore, tmp_path) -> StreamWorker:
 def test_a_takedown_published_during_a_swap_is_masked_in_the_new_model(store, tmp_path, monkeypatch):
     worker = offline_worker(store, tmp_path)
     old = worker.live
-    worker.track_vectors = {"fresh-track": np.ones(old.k, np.float32)}  # so the build calls add_tracks
+    worker.track_vectors = {"fresh-track": (np.ones(old.k, np.float32), old.version)}
     new_version = train_and_publish(
         COUNTS, store, AlsParams(factors=PARAMS.factors, iterations=3, seed=99), holdout=0, show_progress=False
     ).version
     entered, release = threading.Event(), threading.Event()
-    add_tracks = LiveModel.add_tracks
+    take_down = LiveModel.take_down
 
-    def gated(self, vectors):  # hold the build (off the loop) until the take-down has been handled
+    def gated(self, tracks):  # hold the build (off the loop) until the take-down has been handled
+        tracks = list(tracks)
         if threading.current_thread() is not threading.main_thread():
             entered.set()
             assert release.wait(30), "the test never released the build"
-        return add_tracks(self, vectors)
+        return take_down(self, tracks)
 
-    monkeypatch.setattr(LiveModel, "add_tracks", gated)
+    monkeypatch.setattr(LiveModel, "take_down", gated)
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -90,15 +91,39 @@ def test_a_takedown_published_during_a_swap_is_masked_in_the_new_model(store, tm
     assert "t5" not in {s.track for s in live.similar("t6", 39)}
 
 
-def test_a_swap_to_another_factor_count_skips_vectors_it_cannot_score(store, tmp_path):
+def test_a_swap_does_not_serve_track_vectors_of_another_model(store, tmp_path):
+    """Issue #12 item 1: a folded-in vector belongs to the model it was solved against (another model has
+    another latent basis, maybe another factor count): the new model does not serve it until the track's
+    owner re-solves it (tests/unit/test_track_state.py)."""
     worker = offline_worker(store, tmp_path)
-    worker.track_vectors = {"fresh-track": np.ones(worker.live.k, np.float32)}
+    old = worker.live
+    worker.track_vectors = {"fresh-track": (np.ones(old.k, np.float32), old.version)}
+    asyncio.run(worker.on_track_vectors([]))
     other_k = train_and_publish(
         COUNTS, store, AlsParams(factors=PARAMS.factors + 3, iterations=3, seed=5), holdout=0, show_progress=False
     ).version
     asyncio.run(worker._load_and_refold(other_k))
     assert worker.live.version == other_k and worker.live.k == PARAMS.factors + 3
     assert "fresh-track" not in worker.live
+    # a vector solved against the live model is served at once; one of the old model is not
+    good = Record(
+        "track-vectors",
+        0,
+        1,
+        b"n2",
+        pack_message({"track": "n2", "x": np.ones(worker.live.k, "<f4").tobytes(), "listeners": 5, "version": other_k}),
+    )
+    stale = Record(
+        "track-vectors",
+        0,
+        2,
+        b"n3",
+        pack_message(
+            {"track": "n3", "x": np.ones(worker.live.k, "<f4").tobytes(), "listeners": 5, "version": old.version}
+        ),
+    )
+    asyncio.run(worker.on_track_vectors([good, stale]))
+    assert "n2" in worker.live and "n3" not in worker.live
 
 
 def test_a_refold_writes_no_row_of_a_revoked_partition_after_the_revocation(store, tmp_path, monkeypatch):
