@@ -190,8 +190,10 @@ def test_model_hot_swap(env):
     # a folded-in track's vector belongs to the old model's basis: not served by the new one until its
     # owner re-solves it from its listeners' re-folded vectors (then it is back, version-tagged)
     wait_for(
-        lambda: worker.metric("playrec_track_fold_ins_total") >= 2  # solved once before the swap
-        and worker.request("/tracks/fresh-track/similar?k=3")[0] == 200,
+        lambda: (
+            worker.metric("playrec_track_fold_ins_total") >= 2  # solved once before the swap
+            and worker.request("/tracks/fresh-track/similar?k=3")[0] == 200
+        ),
         60,
         "fresh-track re-solved against the new model",
     )
