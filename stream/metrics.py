@@ -25,6 +25,11 @@ class WorkerMetrics:
             "Plays produced to another partition than their user's, forwarded to plays.repartition",
             registry=r,
         )
+        self.tracks_trimmed = Counter(
+            "playrec_user_tracks_trimmed",
+            "Tracks dropped from users' rows past the per-user bound (least-played first)",
+            registry=r,
+        )
         self.streams = Counter("playrec_streams_counted", "Plays that counted as streams (>= 30 s)", registry=r)
         self.dead_letters = Counter(
             "playrec_dead_letters", "Invalid events sent to the dead-letter topic", ["kind"], registry=r

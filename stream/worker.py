@@ -82,6 +82,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds between checks of the store's CURRENT pointer (a fallback for a missed announcement).
 CURRENT_POLL_S = 5.0
+#: Most distinct tracks a user's row keeps (~25 B each: 10,000 keep a row near 250 KB, well under Kafka's
+#: 1 MB message limit); past it the least-played tracks are dropped down to 90% of it (docs/STREAM.md).
+MAX_USER_TRACKS = 10_000
+#: A `_Pending.before` no cached system has: the fold-in rebuilds the user's system from full counts.
+REBUILD_STAMP = -2
 #: Seconds between re-solves of new tracks whose listeners changed since their last solve.
 TRACK_RESOLVE_S = 5.0
 #: Most new tracks re-solved per TRACK_RESOLVE_S (each is announced to every worker).
@@ -539,6 +544,11 @@ class StreamWorker:
                     streams += 1
             if streams > before:
                 stale[user] = next_fold
+            if len(counts) > MAX_USER_TRACKS:  # a bounded row: the least-played tracks make room
+                for track in trim_counts(counts, MAX_USER_TRACKS * 9 // 10):
+                    added.pop(track, None)
+                    self.metrics.tracks_trimmed.inc()
+                entry.before = REBUILD_STAMP  # the fold-in solves the user from the kept counts, not incrementally
             if source is None:
                 self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
             else:
@@ -953,6 +963,16 @@ class StreamWorker:
             self.metrics.lag.set(max(0, highwater - committed))
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
+
+
+def trim_counts(counts: dict[str, int], keep: int) -> list[str]:
+    """Drop all but the `keep` most-played tracks of `counts` in place (ties: the smaller track id stays);
+    returns the dropped tracks."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    dropped = [track for track, _ in ranked[keep:]]
+    for track in dropped:
+        del counts[track]
+    return dropped
 
 
 def servable_tracks(live: LiveModel, vectors: Mapping[str, tuple[np.ndarray, str | None]]) -> dict[str, np.ndarray]:
