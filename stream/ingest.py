@@ -323,8 +323,40 @@ class BatchingConsumerMixin:
             if commit_every is not None and me._n_acked >= commit_every:
                 me._n_acked = 0
                 await me.commit()
-            await me.wait_first(me.callback(me._to_message(tp, record)), me.suspend_flow.wait())
+            if not await self._deliver(me._to_message(tp, record)):
+                return  # not delivered (a rebalance): the next recovery seeks this partition again
             me._read_offset[tp] = offset
+
+    async def _deliver(self, message: Any) -> bool:
+        """Hand one record to faust's callback (the conductor); False when a rebalance got in the way.
+
+        faust's drain loop does ``wait_first(callback(message), suspend_flow.wait())``. A changelog
+        record's callback puts it on the tables' changelog queue, which blocks while the queue is full
+        (recovery applies records slower than they are fetched). A rebalance starting then (the killed
+        worker coming back while the survivor restores its partitions) runs ``flow_control.clear()``,
+        and mode's ``ThrowableQueue.clear`` *cancels the blocked putter*: ``wait_first`` re-raises that
+        CancelledError, which ended the drain loop, so the consumer never fetched again and the next
+        recovery waited forever ("No event received for active tp ... since recovery start"). A put
+        cancelled by a clear is a record not delivered, not a cancellation of this loop: return False
+        (the record is re-read after the next recovery's seek) and never advance the read offset past
+        it; a cancellation of the drain task itself still propagates.
+        """
+        me = cast(Any, self)
+        delivery = me.callback(message)
+        try:
+            result = await me.wait_first(delivery, me.suspend_flow.wait())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the drain loop itself is being cancelled (stop)
+            log.info(
+                "changelog record %s[%d]@%d not delivered: queue cleared by a rebalance",
+                message.topic,
+                message.partition,
+                message.offset,
+            )
+            return False
+        return delivery in result.done
 
     async def _ingest_flush(self, sink: BatchIngest) -> None:
         me = cast(Any, self)
