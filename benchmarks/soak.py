@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"soak: seed {seed}, {args.cycles} cycles, {args.rate:.0f} plays/s, deadline {args.deadline:.0f} s", flush=True
     )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` stops the workers and the broker
     tmp = Path(tempfile.mkdtemp(prefix="playrec-soak-"))
     bootstrap = resolve_bootstrap()
     broker = None

@@ -43,6 +43,9 @@ from .harness import (
 #: seconds a worker may take to be ready again (the soak's bound, issue #13 section 3)
 RECOVER_DEADLINE_S = 30.0
 SESSION_TIMEOUT_S = 6
+#: how a cycle restarts the killed worker: right after the kill; 0-2 s into the survivor's take-over
+#: (a second rebalance while it restores the taken-over partitions); once the survivor holds them all
+MODES = ("at once", "during take-over", "after take-over")
 
 
 class RecoveryTimeoutError(AssertionError):
@@ -121,7 +124,7 @@ class SteadyReplay:
 @dataclass
 class Cycle:
     killed: str
-    mode: str  # "at once": restarted right after the kill; "after take-over": once the survivor holds all
+    mode: str  # one of MODES
     takeover_s: float | None  # kill -> the survivor ready with every partition ("after take-over" only)
     recovery_s: float  # the killed worker restarted -> both workers ready, splitting the partitions
 
@@ -226,9 +229,17 @@ def run_soak(
         for n in range(cycles):
             name = rng.choice(sorted(workers))
             survivor = "b" if name == "a" else "a"
-            mode = rng.choice(["at once", "after take-over"])
+            mode = rng.choice(MODES)
             workers[name].kill()
             takeover_s = None
+            if mode == "during take-over":  # rejoin while the survivor restores the taken-over partitions
+                _await(
+                    lambda s=survivor: workers[s].ready() is None,
+                    f"worker {survivor} to rebalance",
+                    workers,
+                    deadline_s,
+                )
+                time.sleep(rng.uniform(0.0, 2.0))  # a random point of the take-over (fault injection, not a wait)
             if mode == "after take-over":
                 takeover_s = _await(
                     lambda s=survivor: holds_all(workers[s]), f"worker {survivor} to take over", workers, deadline_s
