@@ -330,16 +330,15 @@ class BatchingConsumerMixin:
     async def _deliver(self, message: Any) -> bool:
         """Hand one record to faust's callback (the conductor); False when a rebalance got in the way.
 
-        faust's drain loop does ``wait_first(callback(message), suspend_flow.wait())``. A changelog
-        record's callback puts it on the tables' changelog queue, which blocks while the queue is full
-        (recovery applies records slower than they are fetched). A rebalance starting then (the killed
-        worker coming back while the survivor restores its partitions) runs ``flow_control.clear()``,
-        and mode's ``ThrowableQueue.clear`` *cancels the blocked putter*: ``wait_first`` re-raises that
-        CancelledError, which ended the drain loop, so the consumer never fetched again and the next
-        recovery waited forever ("No event received for active tp ... since recovery start"). A put
-        cancelled by a clear is a record not delivered, not a cancellation of this loop: return False
-        (the record is re-read after the next recovery's seek) and never advance the read offset past
-        it; a cancellation of the drain task itself still propagates.
+        faust's drain loop does ``wait_first(callback(message), suspend_flow.wait())`` and then advances
+        the read offset whether or not the callback finished; here a record whose callback lost to
+        ``suspend_flow`` (a rebalance started) does not advance it, and the rest of the fetch result is
+        dropped (the next recovery seeks the partition again). A CancelledError that is not a
+        cancellation of the drain task itself (a callback whose queue put was cancelled by a rebalance's
+        ``flow_control.clear()``, which cancels mode's ``ThrowableQueue`` putters) also counts as "not
+        delivered" instead of ending the drain loop. Investigated for the take-over recovery hang (issue
+        #13 section 3) and NOT shown to be its cause: faust's conductor awaits a full queue's puts with
+        ``asyncio.wait``, which does not raise on their cancellation (docs/RELIABILITY.md).
         """
         me = cast(Any, self)
         delivery = me.callback(message)

@@ -1,4 +1,4 @@
-"""A changelog record blocked on the full changelog queue when a rebalance clears it (issue #13 section 3).
+"""A record whose delivery a rebalance cancels (stream.ingest.BatchingConsumerMixin._deliver).
 
 The queue, its flow control and `wait_first` are mode's real ones; the consumer is the smallest
 `BatchingConsumerMixin` + `mode.Service` with faust's `callback` (a put on the tables' changelog queue)
