@@ -1,8 +1,8 @@
 """A record whose delivery a rebalance cancels (stream.ingest.BatchingConsumerMixin._deliver).
 
 The queue, its flow control and `wait_first` are mode's real ones; the consumer is the smallest
-`BatchingConsumerMixin` + `mode.Service` with faust's `callback` (a put on the tables' changelog queue)
-and `suspend_flow`.
+`BatchingConsumerMixin` + `mode.Service` whose `callback` awaits a put on a flow-controlled queue (faust's
+conductor itself puts with `put_nowait` or awaits full-queue puts with `asyncio.wait`) and `suspend_flow`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ async def _blocked_delivery_then_rebalance() -> tuple[asyncio.Task, _Consumer]:
 def test_a_put_cancelled_by_a_rebalance_is_not_delivered_and_does_not_end_the_drain_loop() -> None:
     async def run() -> bool:
         delivery, _ = await _blocked_delivery_then_rebalance()
-        return await delivery  # before the fix: CancelledError, which ended the consumer's drain loop
+        return await delivery  # a bare wait_first re-raised the put's CancelledError here
 
     assert asyncio.run(run()) is False
 
