@@ -1,6 +1,6 @@
 """Take-over soak: N kill -9 / take-over cycles of one of two workers under a steady replay.
 
-    python benchmarks/soak.py [--cycles 50] [--seed S] [--rate 1000]   # KAFKA_BOOTSTRAP, else a dev broker
+    python benchmarks/soak.py [--cycles 50] [--seed S] [--rate 300]   # KAFKA_BOOTSTRAP, else a dev broker
     make soak
 
 Every cycle must see the survivor take over (when the cycle waits for it) and both workers ready again
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
-    parser.add_argument("--rate", type=float, default=1000.0, help="plays per second")
+    parser.add_argument(
+        "--rate", type=float, default=300.0, help="plays per second (faster grows the changelog, and restores, faster)"
+    )
     parser.add_argument("--deadline", type=float, default=RECOVER_DEADLINE_S, help="seconds per recovery")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**31)

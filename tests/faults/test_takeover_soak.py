@@ -18,6 +18,6 @@ CYCLES = 5
 def test_take_over_recovers_within_30_s_every_cycle_and_counts_stay_exact(kafka_bootstrap, tmp_path):
     seed = int(os.environ.get("PLAYREC_SOAK_SEED", random.randrange(2**31)))
     print(f"\nsoak seed {seed} (PLAYREC_SOAK_SEED={seed} replays it)")
-    result = run_soak(kafka_bootstrap, tmp_path, CYCLES, seed)
+    result = run_soak(kafka_bootstrap, tmp_path, CYCLES, seed, rate=1000)
     print(result.summary())
     assert (result.lost, result.duplicated) == (0, 0)
