@@ -5,7 +5,7 @@ a forwarder re-sends them, and every record of the repartition topic validated."
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
@@ -13,17 +13,8 @@ from batch.user_state import UserState, pack_user, unpack_user
 from stream.events import encode_play
 from stream.repartition import SOURCE_HEADER, read_source, source_header
 
+from .records import Record
 from .test_worker_offline import store_path, worker  # noqa: F401 (fixtures)
-
-
-class Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: tuple = ()
-    timestamp: int = 1_700_000_000_000
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,18 +18,11 @@ from stream.live_model import LiveModel, UnknownTrackError
 from stream.settings import WorkerSettings
 from stream.worker import StreamWorker
 
+from .records import Record
 from .synthetic import random_plays, synthetic_counts
 from .test_live_model import PARAMS
 
 COUNTS = synthetic_counts(random_plays(60, 40, 0.1, seed=3))
-
-
-class Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 def takedown(track: str, down: bool = True) -> Record:

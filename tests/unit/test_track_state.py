@@ -5,7 +5,7 @@ sends them."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,18 +19,11 @@ from stream.settings import WorkerSettings
 from stream.track_state import confidence_weight, stats_key, unpack_stats
 from stream.worker import StreamWorker
 
+from .records import Record
 from .synthetic import random_plays, synthetic_counts
 from .test_live_model import PARAMS
 
 ROW_LIMIT = 64 * 1024
-
-
-class Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 @pytest.fixture

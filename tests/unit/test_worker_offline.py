@@ -8,7 +8,6 @@ as the ingest hands them over, and the changelog write at the end of a fold-in i
 from __future__ import annotations
 
 import asyncio
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -20,16 +19,9 @@ from stream.events import encode_play
 from stream.settings import WorkerSettings
 from stream.worker import StreamWorker
 
+from .records import Record
 from .synthetic import random_plays, synthetic_counts
 from .test_live_model import PARAMS
-
-
-class Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 @pytest.fixture(scope="module")
