@@ -69,6 +69,20 @@ def play_log(n: int, n_users: int = 2000, seed: int = 0) -> PlayLog:
     return PlayLog(records, expected)
 
 
+def replay_producer(bootstrap: str) -> KafkaProducer:
+    """The fault tests' producer: idempotent, acks=all, retrying through broker restarts and take-overs."""
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        retries=2**31 - 1,
+        delivery_timeout_ms=300_000,
+        request_timeout_ms=10_000,
+        reconnect_backoff_max_ms=1_000,
+    )
+
+
 @dataclass
 class Replay:
     """Produce `records` to `topic` at `rate` events/s from a thread (idempotent producer, acks=all);
@@ -89,16 +103,7 @@ class Replay:
         return self
 
     def _run(self) -> None:
-        producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            retries=2**31 - 1,
-            delivery_timeout_ms=300_000,
-            request_timeout_ms=10_000,
-            reconnect_backoff_max_ms=1_000,
-        )
+        producer = replay_producer(self.bootstrap)
         try:
             self.started = time.monotonic()
             for key, value in self.records:

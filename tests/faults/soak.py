@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import KafkaProducer
-
 from batch.plays import MIN_MS_PLAYED
 from stream.events import encode_play
 
@@ -35,6 +33,7 @@ from .harness import (
     counts_over_http,
     difference,
     publish_model,
+    replay_producer,
     unique_names,
     wait_for_durable_counts,
     wait_for_exact_counts,
@@ -83,15 +82,7 @@ class SteadyReplay:
 
     def _run(self) -> None:
         rng = random.Random(self.seed)
-        producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            retries=2**31 - 1,
-            delivery_timeout_ms=300_000,
-            request_timeout_ms=10_000,
-        )
+        producer = replay_producer(self.bootstrap)
         try:
             started = time.monotonic()
             while not self._stop.is_set():

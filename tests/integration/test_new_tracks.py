@@ -21,6 +21,7 @@ from stream.live_model import LiveModel
 from stream.topics import LISTENERS_TABLE
 
 from ..faults.harness import N_TRACKS, publish_model, unique_names
+from ..unit.synthetic import gram_from_scratch
 from .workers import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,24 +54,16 @@ def read_all(bootstrap: str, topic: str) -> dict[bytes, bytes]:
 def expected_vector(bootstrap: str, app_id: str, live: LiveModel) -> tuple[np.ndarray, int]:
     """The item half-step over the hit's listeners as the changelog holds them, against X^T X of the model's
     user factors with each row replaced by the user's fold-in vector (one worker: its own X^T X)."""
-    X = np.asarray(live.model.user_factors, np.float64).copy()
-    extra, vectors, counts = [], [], []
-    for key, raw in read_all(bootstrap, changelog_topic(app_id)).items():
-        state = unpack_user(raw)
-        if state.vector is None or state.version != live.version:
-            continue
-        row = live.user_index.get(key.decode())
-        if row is None:
-            extra.append(state.vector)
-        else:
-            X[row] = state.vector
-        if state.counts.get(HIT):
+    states = [(key.decode(), unpack_user(raw)) for key, raw in read_all(bootstrap, changelog_topic(app_id)).items()]
+    gram = gram_from_scratch(live, states)
+    vectors, counts = [], []
+    for _, state in states:
+        if state.vector is not None and state.version == live.version and state.counts.get(HIT):
             vectors.append(state.vector)
             counts.append(state.counts[HIT])
-    X = np.vstack([X, np.asarray(extra)]) if extra else X
     n = len(counts)
     plays = sp.csr_matrix((np.asarray(counts, np.float32), np.arange(n), [0, n]), shape=(1, n))
-    return fold_in(plays, np.asarray(vectors, np.float32), live.params, gram=X.T @ X)[0], n
+    return fold_in(plays, np.asarray(vectors, np.float32), live.params, gram=gram)[0], n
 
 
 def published_vector(bootstrap: str, prefix: str) -> dict | None:

@@ -19,7 +19,7 @@ from stream.settings import WorkerSettings
 from stream.worker import StreamWorker
 
 from .records import Record
-from .synthetic import random_plays, synthetic_counts
+from .synthetic import gram_from_scratch, random_plays, synthetic_counts
 from .test_live_model import PARAMS
 
 COUNTS = synthetic_counts(random_plays(60, 40, 0.1, seed=3))
@@ -241,18 +241,6 @@ def test_user_gram_equals_a_from_scratch_gram_after_a_swap_a_refold_and_10000_fo
     live = worker.live
     assert live.version == version
     assert worker.metrics.registry.get_sample_value("playrec_user_fold_ins_total") >= 10_000
-    X = np.asarray(live.model.user_factors, np.float64).copy()
-    extra = []
-    for key in worker.users.data:
-        state = worker.user_state(key.decode())
-        if state.vector is None or state.version != live.version:
-            continue
-        row = live.user_index.get(key.decode())
-        if row is None:
-            extra.append(state.vector)
-        else:
-            X[row] = state.vector
-    X = np.vstack([X, np.asarray(extra, np.float64)]) if extra else X
-    scratch = X.T @ X
+    scratch = gram_from_scratch(live, ((key.decode(), worker.user_state(key.decode())) for key in worker.users.data))
     error = np.linalg.norm(live.user_gram - scratch) / np.linalg.norm(scratch)
     assert error < 1e-4, error
