@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= $(or $(PLAYREC_DATA),../shared/data)
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) benchmarks/als_vs_implicit.py
+
+# take-over soak: 50 kill -9 cycles of one of two workers under a steady replay (SOAK_ARGS="--seed N")
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --cycles 50 $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

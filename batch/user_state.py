@@ -1,6 +1,7 @@
 """The stream's per-user state row (table `user-state`), shared by the workers that write it and the
 batch snapshot that trains on it: msgpack `{"c": {track: streams}, "v": version, "x": float32 LE bytes,
-"o": last applied plays offset[, "e": 8-byte digests of the event ids of the user's latest applied plays]}`."""
+"o": last applied plays offset[, "e": 8-byte digests of the event ids of the user's latest applied plays]
+[, "s": {source partition: last applied offset} of plays forwarded from other partitions]}`."""
 
 from __future__ import annotations
 
@@ -24,8 +25,18 @@ class UserState(NamedTuple):
     counts: dict[str, int]
     version: str | None = None
     vector: np.ndarray | None = None
-    offset: int = -1  # offset of the last `plays` record applied (records of a user share a partition)
+    offset: int = -1  # offset of the last record applied from the user's own `plays` partition
     recent: bytes = b""  # `event_digest`s of the latest applied plays that had an event id, oldest first
+    #: plays produced to another `plays` partition and forwarded to the user's: source partition -> offset
+    #: of the last one applied (a forwarder re-sends a suffix of a partition after a crash: skipped)
+    sources: dict[int, int] | None = None
+
+    def stamp(self) -> int:
+        """A number that grows whenever any applied offset grows (the state's version for caches)."""
+        total = self.offset + 1  # every term is >= 0 and never shrinks, so the sum grows with any of them
+        if self.sources:
+            total += sum(self.sources.values()) + len(self.sources)
+        return total
 
 
 #: Bytes of an event id's digest in `UserState.recent`.
@@ -57,6 +68,8 @@ def pack_user(state: UserState) -> bytes:
     body = {"c": state.counts, "v": state.version, "x": vector, "o": state.offset}
     if state.recent:
         body["e"] = state.recent
+    if state.sources:
+        body["s"] = state.sources
     return msgpack.packb(body)
 
 
@@ -68,7 +81,10 @@ def unpack_user(raw: bytes | None) -> UserState:
         body = msgpack.unpackb(raw, **_LIMITS)
         counts = body["c"]
         vector = None if body.get("x") is None else np.frombuffer(body["x"], dtype="<f4").astype(np.float32)
-        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)), body.get("e", b""))
+        sources = body.get("s")
+        if sources is not None:
+            sources = {int(p): int(o) for p, o in sources.items()}
+        state = UserState(counts, body.get("v"), vector, int(body.get("o", -1)), body.get("e", b""), sources)
     except Exception as exc:
         raise UserStateError(f"not a user-state record: {type(exc).__name__}: {str(exc)[:120]}") from None
     if not isinstance(state.recent, bytes) or len(state.recent) % EVENT_DIGEST_BYTES:

@@ -15,6 +15,8 @@ import msgpack
 
 PLAYS_TOPIC = "plays"
 DEAD_LETTER_TOPIC = "plays.dead-letter"
+#: Plays produced to another partition than their user's, forwarded there (stream/repartition.py).
+REPARTITION_TOPIC = "plays.repartition"
 
 #: Largest accepted record value; a play event is well under 200 bytes.
 MAX_PAYLOAD_BYTES = 4096

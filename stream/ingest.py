@@ -323,8 +323,40 @@ class BatchingConsumerMixin:
             if commit_every is not None and me._n_acked >= commit_every:
                 me._n_acked = 0
                 await me.commit()
-            await me.wait_first(me.callback(me._to_message(tp, record)), me.suspend_flow.wait())
+            if not await self._deliver(me._to_message(tp, record)):
+                return  # not delivered (a rebalance): the next recovery seeks this partition again
             me._read_offset[tp] = offset
+
+    async def _deliver(self, message: Any) -> bool:
+        """Hand one record to faust's callback (the conductor); False when a rebalance got in the way.
+
+        faust's drain loop does ``wait_first(callback(message), suspend_flow.wait())`` and then advances
+        the read offset whether or not the callback finished; here a record whose callback lost to
+        ``suspend_flow`` (a rebalance started) does not advance it, and the rest of the fetch result is
+        dropped (the next recovery seeks the partition again). A CancelledError that is not a
+        cancellation of the drain task itself (a callback whose queue put was cancelled by a rebalance's
+        ``flow_control.clear()``, which cancels mode's ``ThrowableQueue`` putters) also counts as "not
+        delivered" instead of ending the drain loop. Investigated for the take-over recovery hang (issue
+        #13 section 3) and NOT shown to be its cause: faust's conductor awaits a full queue's puts with
+        ``asyncio.wait``, which does not raise on their cancellation (docs/RELIABILITY.md).
+        """
+        me = cast(Any, self)
+        delivery = me.callback(message)
+        try:
+            result = await me.wait_first(delivery, me.suspend_flow.wait())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)  # Python 3.11+; on 3.10 every cancellation ends it
+            if cancelling is None or cancelling():
+                raise  # the drain loop itself is being cancelled (stop)
+            log.info(
+                "changelog record %s[%d]@%d not delivered: queue cleared by a rebalance",
+                message.topic,
+                message.partition,
+                message.offset,
+            )
+            return False
+        return delivery in result.done
 
     async def _ingest_flush(self, sink: BatchIngest) -> None:
         me = cast(Any, self)

@@ -248,18 +248,27 @@ class LiveModel:
         return None if row is None else np.asarray(self.model.user_factors[row], dtype=np.float32)
 
     def _gather(self, tracks: Iterable[str]) -> tuple[list[str], np.ndarray]:
-        """Known tracks among `tracks` and their vectors (n, k)."""
-        known = [t for t in dict.fromkeys(tracks) if t in self]
+        """Known tracks among `tracks` and their vectors (n, k). Called from the fold-in thread while the
+        event loop may insert tracks (`add_tracks`): the folded-in ones are read under the lock, so a
+        track is never seen indexed before its vector is stored."""
+        candidates = list(dict.fromkeys(tracks))
+        item_index = self.item_index
+        with self._lock:
+            new_index = self.new_index
+            fresh = {
+                t: self._new_vectors[new_index[t]].copy() for t in candidates if t in new_index and t not in item_index
+            }
+        known = [t for t in candidates if t in item_index or t in fresh]
         if not known:
             return [], np.zeros((0, self.k), dtype=np.float32)
         vectors = np.empty((len(known), self.k), dtype=np.float32)
-        model_rows = [(j, self.item_index[t]) for j, t in enumerate(known) if t in self.item_index]
+        model_rows = [(j, item_index[t]) for j, t in enumerate(known) if t in item_index]
         if model_rows:
             pos, rows = zip(*model_rows)
             vectors[list(pos)] = np.asarray(self.model.item_factors)[np.asarray(rows)]
         for j, t in enumerate(known):
-            if t in self.new_index:
-                vectors[j] = self.new_vectors[self.new_index[t]]
+            if t in fresh:
+                vectors[j] = fresh[t]
         return known, vectors
 
     # -- fold-in -----------------------------------------------------------------------------

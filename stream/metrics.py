@@ -20,6 +20,16 @@ class WorkerMetrics:
             "Plays skipped because their event_id repeats one of the user's latest applied plays",
             registry=r,
         )
+        self.forwarded = Counter(
+            "playrec_plays_forwarded",
+            "Plays produced to another partition than their user's, forwarded to plays.repartition",
+            registry=r,
+        )
+        self.tracks_trimmed = Counter(
+            "playrec_user_tracks_trimmed",
+            "Tracks dropped from users' rows past the per-user bound (least-played first)",
+            registry=r,
+        )
         self.streams = Counter("playrec_streams_counted", "Plays that counted as streams (>= 30 s)", registry=r)
         self.dead_letters = Counter(
             "playrec_dead_letters", "Invalid events sent to the dead-letter topic", ["kind"], registry=r
@@ -76,7 +86,7 @@ class WorkerMetrics:
 def dead_letter_kind(reason: str) -> str:
     """A small, fixed label set for dead-letter reasons (the full reason travels in a header)."""
     lowered = reason.lower()
-    for kind in ("undecodable", "payload", "missing", "key", "timestamp"):
+    for kind in ("forwarded", "undecodable", "payload", "missing", "key", "timestamp"):
         if kind in lowered:
             return kind
     if "field" in lowered:

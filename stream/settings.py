@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_TAKEDOWNS_TOPIC, TRACK_VECTORS_TOPIC
-from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC
+from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC, REPARTITION_TOPIC
 
 
 class SettingsError(ValueError):
@@ -134,6 +134,10 @@ class Topics:
     @property
     def dead_letter(self) -> str:
         return self.prefix + DEAD_LETTER_TOPIC
+
+    @property
+    def repartition(self) -> str:
+        return self.prefix + REPARTITION_TOPIC
 
     @property
     def track_plays(self) -> str:

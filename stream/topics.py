@@ -34,6 +34,7 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
     wanted = {
         plays: (P, {}),
         names.dead_letter: (P, {}),
+        names.repartition: (P, {}),
         names.track_plays: (P, {}),
         names.track_vectors: (P, {"cleanup.policy": "compact"}),
         names.track_takedowns: (1, {"cleanup.policy": "compact"}),
@@ -55,6 +56,12 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
                 f"topic {plays!r} has {have[plays]} partitions but the worker is configured for {P}: "
                 f"run with --partitions {have[plays]}"
             )
+        for name in (names.repartition, names.track_plays):  # co-partitioned with plays and the tables
+            if name in have and have[name] != P:
+                raise SettingsError(
+                    f"topic {name!r} has {have[name]} partitions but {plays!r} needs {P}: delete {name!r} "
+                    "(the workers recreate it) or give it the same partition count"
+                )
         missing = [
             NewTopic(name, n, replication, topic_configs=cfg) for name, (n, cfg) in wanted.items() if name not in have
         ]

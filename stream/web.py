@@ -33,6 +33,10 @@ MAX_TRACKS = 1000
 ROUTED_HEADER = "X-Playrec-Routed"
 
 
+class NotFoundError(LookupError):
+    """An explicit miss that answers 404 (an unknown user for an explanation); any other KeyError is a bug."""
+
+
 class BadRequestError(ValueError):
     """A request parameter is invalid (400)."""
 
@@ -84,8 +88,8 @@ def register_views(worker: StreamWorker) -> None:
                 return await handler(request, *args)
             except BadRequestError as exc:
                 return self.fail(400, str(exc))
-            except (UnknownTrackError, KeyError) as exc:
-                return self.fail(404, str(exc))
+            except (UnknownTrackError, NotFoundError) as exc:  # explicit misses only: a stray KeyError is a bug
+                return self.fail(404, str(exc.args[0] if exc.args else exc))
             except NotReadyError as exc:
                 return self.fail(503, str(exc))
             except Exception:  # a bug: logged with its traceback here, never sent to the client
@@ -95,14 +99,21 @@ def register_views(worker: StreamWorker) -> None:
                 metrics.request_seconds.labels(self.route_name).observe(time.perf_counter() - started)
 
         async def routed(self, request: web.Request, user: str, handler: Any, *args: Any) -> web.Response:
-            """Serve here if this worker owns `user`, else forward to the owner."""
-            if not request.headers.get(ROUTED_HEADER):  # a routed request is never routed again
-                try:
-                    owner = app.router.key_store(worker.users.name, user.encode())
-                except Exception:  # no assignment yet (starting or rebalancing)
-                    return self.fail(503, "partitions are being assigned; retry shortly")
-                if (owner.host, owner.port) != (worker.settings.host, worker.settings.port):
-                    return await self.forward(request, owner)
+            """Serve here if this worker owns `user`, else forward to the owner. A request that says it was
+            routed already (ROUTED_HEADER, set by `forward`) is never forwarded again, but it is served only
+            by the owner: the header cannot make a worker answer from partitions it does not hold."""
+            try:
+                owner = app.router.key_store(worker.users.name, user.encode())
+            except Exception:  # no assignment yet (starting or rebalancing)
+                return self.fail(503, "partitions are being assigned; retry shortly")
+            if (owner.host, owner.port) != (worker.settings.host, worker.settings.port):
+                if request.headers.get(ROUTED_HEADER):
+                    return self.fail(
+                        503,
+                        f"this worker does not own user {user!r} (partitions moved, or {ROUTED_HEADER} was "
+                        "set by the client); retry without the header",
+                    )
+                return await self.forward(request, owner)
             return await self.guarded(request, handler, user, *args)
 
         async def forward(self, request: web.Request, owner: Any) -> web.Response:
@@ -167,7 +178,7 @@ def register_views(worker: StreamWorker) -> None:
                 raise UnknownTrackError(f"unknown track {track!r}")
             full = live.full_counts(user, streamed_counts(user))
             if not any(t in live for t in full):
-                raise KeyError(f"user {user!r} has no streams of known tracks to explain from")
+                raise NotFoundError(f"user {user!r} has no streams of known tracks to explain from")
             body = live.explain(full, track)
             return self.json({"user": user, "version": live.version, **body})
 

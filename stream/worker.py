@@ -3,16 +3,20 @@
 One `StreamWorker` owns a faust app with:
 
 - the `plays` topic, consumed in micro-batches (stream.ingest.BatchIngest): events are validated
-  (invalid ones go to `plays.dead-letter` with their bytes and a reason), streams (>= 30 s) are
+  (invalid ones go to `plays.dead-letter` with their bytes and a reason), plays produced to another
+  partition than their user's are forwarded there through `plays.repartition` (stream/repartition.py)
+  and counted by its owner, streams (>= 30 s) are
   aggregated per user within the batch and added to the `user-plays` table (user -> {track: count});
 - user fold-in: every user whose counts changed in a batch gets the exact half-step against the
   current item factors from their FULL counts, batched; vectors live in the `user-vectors` table so
   they survive restarts and rebalances;
-- track fold-in: plays of tracks the model does not know are forwarded, with the listener's vector,
-  to `track-plays` (keyed by track); the owner of the track's partition keeps its listeners in the
-  `track-listeners` table and, from `min_listeners` distinct listeners on, solves the item half-step
-  and publishes the vector on the compacted `track-vectors` topic, which every worker reads and
-  inserts into its index;
+- track fold-in: each fold-in sends the listener's streams of the tracks the model does not know,
+  with the listener's vector and its model version, to `track-plays` (keyed by track); the owner of
+  the track's partition keeps bounded per-track statistics in the `track-listeners` table
+  (stream/track_state.py) and, from `min_listeners` listeners with vectors on, solves the exact item
+  half-step (again at every doubling, and within 5 s of the last change) and publishes the
+  version-tagged vector on the compacted `track-vectors` topic, which every worker reads and inserts
+  into its index when it matches its live model;
 - the model: loaded (memory-mapped) from the store at start, swapped when `model-updates` announces
   a version (or CURRENT changes), after which the worker re-folds its users against the new model.
 
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import faust
@@ -50,21 +55,42 @@ from stream.changelog import BulkTableWriter
 from stream.codec import (
     pack_message,
     parse_model_update,
-    unpack_message,
 )
 from stream.events import decode_play
 from stream.ingest import BatchIngest
+from stream.internal_records import decode_takedown, decode_track_play, decode_track_vector
 from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
+from stream.repartition import read_source, source_header
 from stream.settings import WorkerSettings
 from stream.table_store import StateTable
 from stream.topics import LISTENERS_TABLE
+from stream.track_state import (
+    Listener,
+    TrackStats,
+    confidence_weight,
+    listener_key,
+    pack_listener,
+    pack_stats,
+    stats_key,
+    unpack_listener,
+    unpack_stats,
+)
 
 log = logging.getLogger(__name__)
 
 #: Seconds between checks of the store's CURRENT pointer (a fallback for a missed announcement).
 CURRENT_POLL_S = 5.0
+#: Most distinct tracks a user's row keeps (~25 B each: 10,000 keep a row near 250 KB, well under Kafka's
+#: 1 MB message limit); past it the least-played tracks are dropped down to 90% of it (docs/STREAM.md).
+MAX_USER_TRACKS = 10_000
+#: A `_Pending.before` no cached system has: the fold-in rebuilds the user's system from full counts.
+REBUILD_STAMP = -2
+#: Seconds between re-solves of new tracks whose listeners changed since their last solve.
+TRACK_RESOLVE_S = 5.0
+#: Most new tracks re-solved per TRACK_RESOLVE_S (each is announced to every worker).
+MAX_TRACK_RESOLVES = 1000
 #: Users re-folded per batch after a model swap.
 REFOLD_BATCH = 2000
 #: Decoded user-state rows kept in memory (the cache is dropped, and refilled lazily from the table's
@@ -90,7 +116,8 @@ class StreamWorker:
         self.metrics = WorkerMetrics()
         self.store = ModelStore(settings.store)
         self.live: LiveModel | None = None
-        self.track_vectors: dict[str, np.ndarray] = {}
+        #: folded-in track -> (vector, model version it was solved against), as `track-vectors` says
+        self.track_vectors: dict[str, tuple[np.ndarray, str | None]] = {}
         self.partitioner = KeyPartitioner(settings.partitions)
         self._fold_task: asyncio.Future | None = None  # the fold-in (solve + write) running, if any
         #: users counted since the last fold-in started, the completion of their batches, their events
@@ -109,6 +136,11 @@ class StreamWorker:
         self._states: dict[str, UserState] = {}
         self._states_generation: int | None = None
         self._swap_lock = asyncio.Lock()
+        #: the re-fold after a swap (a tracked task: stopped before partitions are revoked) and its stop flag
+        self._refold_task: asyncio.Task | None = None
+        self._refold_stop = False
+        #: new tracks of this worker's track-plays partitions whose listeners changed since their last solve
+        self._dirty_tracks: dict[str, None] = {}
         P = settings.partitions
         self.topics = topics = settings.topics
         self.app = app = faust.App(
@@ -136,9 +168,9 @@ class StreamWorker:
             web_in_thread=False,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        # Changelog partitions come from the producer's murmur2 partitioner on the key bytes, the
-        # partitioner every standard Kafka client uses for keyed records: a user's counts, vector
-        # and plays share one partition number (records on another partition are dead-lettered).
+        # Changelog partitions come from the producer's murmur2 partitioner on the key bytes (the Java
+        # client's and kafka-python's): a user's counts, vector and plays share one partition number;
+        # plays produced elsewhere (another client's partitioner) are forwarded to it (repartition).
         table = {"partitions": P, "use_partitioner": True, "key_type": bytes, "value_type": bytes}
         # user -> {counts per track, folded-in vector}: one changelog record per changed user
         self.users = app.Table(USER_STATE_TABLE, **table)
@@ -149,10 +181,19 @@ class StreamWorker:
         self.listener_writer = BulkTableWriter(app, self.listeners, topics.track_plays)
         self.dead_letter = app.topic(topics.dead_letter, partitions=P, **raw)
         self.track_plays = app.topic(topics.track_plays, partitions=P, **raw)
+        self.plays_forward = app.topic(topics.repartition, partitions=P, **raw)
         self.plays_ingest = BatchIngest(
             app,
             topics.plays,
             self.on_plays,
+            max_batch=settings.max_batch,
+            max_latency_s=settings.max_latency_s,
+            ready=self.plays_ready,
+        )
+        self.forward_ingest = BatchIngest(
+            app,
+            topics.repartition,
+            self.on_forwarded_plays,
             max_batch=settings.max_batch,
             max_latency_s=settings.max_latency_s,
             ready=self.plays_ready,
@@ -175,6 +216,7 @@ class StreamWorker:
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
+        app.timer(TRACK_RESOLVE_S)(self.resolve_tracks)
         from stream.web import register_views
 
         register_views(self)
@@ -182,35 +224,65 @@ class StreamWorker:
 
     # -- model ---------------------------------------------------------------------------------
     def load_current(self) -> bool:
-        """Load the store's CURRENT version if it differs from the live one; True when swapped."""
+        """Load the store's CURRENT version if it differs from the live one; True when swapped (start-up,
+        before the event loop runs)."""
+        version = self._current_version()
+        if version is None:
+            return False
+        takedowns, vectors = dict(self.takedowns), dict(self.track_vectors)
+        live = self._build_live(version, takedowns, vectors)
+        return live is not None and self._install(live, takedowns, vectors)
+
+    def _current_version(self) -> str | None:
+        """The store's CURRENT version when it differs from the live one, else None."""
         try:
             version = self.store.current_version()
         except ModelStoreError as exc:
             if self.live is None:
                 log.warning("no model yet (%s); counting plays and waiting for a model", exc)
-            return False
+            return None
         if self.live is not None and self.live.version == version:
-            return False
-        return self._swap(version)
+            return None
+        return version
 
-    def _swap(self, version: str) -> bool:
+    def _build_live(
+        self, version: str, takedowns: Mapping[str, bool], vectors: Mapping[str, tuple[np.ndarray, str | None]]
+    ) -> LiveModel | None:
+        """Load `version` and build its LiveModel with the take-downs and folded-in track vectors of a
+        snapshot (any thread: it reads nothing the event loop mutates); None when it cannot be loaded."""
         try:
             model = self.store.load(version)
         except ModelStoreError as exc:
             log.error("cannot load model %s: %s; keeping %s", version, exc, self.live and self.live.version)
-            return False
+            return None
         live = LiveModel(model, search_k=self.settings.search_k)
-        live.take_down(t for t, down in self.takedowns.items() if down)
-        if self.track_vectors:
-            live.add_tracks({t: v for t, v in self.track_vectors.items() if t not in live.item_index})
+        live.take_down(t for t, down in takedowns.items() if down)
+        servable = servable_tracks(live, vectors)
+        if servable:
+            live.add_tracks(servable)
+        return live
+
+    def _install(
+        self, live: LiveModel, takedowns: Mapping[str, bool], vectors: Mapping[str, tuple[np.ndarray, str | None]]
+    ) -> bool:
+        """Make `live` (built from the snapshot `takedowns` / `vectors`) the live model, on the event loop:
+        first replay the take-downs and track vectors that arrived while it was built (the handlers
+        change `self.takedowns` / `self.track_vectors` on this loop only), then swap in one assignment,
+        with no await in between, so no take-down is lost and none is served."""
+        for track, down in self.takedowns.items():
+            if takedowns.get(track) != down:
+                (live.take_down if down else live.restore)([track])
+        arrived = servable_tracks(live, {t: e for t, e in self.track_vectors.items() if vectors.get(t) is not e})
+        if arrived:
+            live.add_tracks(arrived)
         self.live = live  # one assignment: requests see the old or the new model, never a mix
         self.metrics.model_loads.inc()
         self.metrics.new_tracks.set(len(live.new_ids))
         log.info(
             "model %s live: %d users x %d tracks, %d folded-in tracks",
-            version,
-            len(model.user_ids),
-            len(model.item_ids),
+            live.version,
+            len(live.user_index),
+            len(live.item_index),
             len(live.new_ids),
         )
         return True
@@ -228,25 +300,58 @@ class StreamWorker:
             await self._load_and_refold(update["version"])
 
     async def _load_and_refold(self, version: str | None) -> None:
+        """Swap to `version` (None: the store's CURRENT) if it is not live, then re-fold the local users.
+        The model is built off the loop from a snapshot of the take-downs and track vectors, and
+        installed on the loop (`_install`), which replays what arrived meanwhile."""
         async with self._swap_lock:
             loop = asyncio.get_running_loop()
             if version is None:
-                swapped = await loop.run_in_executor(None, self.load_current)
+                version = await loop.run_in_executor(None, self._current_version)
+                if version is None:
+                    return
             elif self.live is not None and self.live.version == version:
                 return
-            else:
-                swapped = await loop.run_in_executor(None, self._swap, version)
-            if swapped:
-                await self.refold_local_users()
+            takedowns, vectors = dict(self.takedowns), dict(self.track_vectors)
+            live = await loop.run_in_executor(None, self._build_live, version, takedowns, vectors)
+            if live is not None and self._install(live, takedowns, vectors):
+                await self._stop_refold()  # a re-fold against the previous model is moot now
+                self._refold_stop = False
+                self._refold_task = asyncio.ensure_future(self.refold_local_users())
+
+    async def _stop_refold(self) -> None:
+        """Stop the re-fold and wait until it has returned: it finishes at most the chunk it is solving
+        (whose write, if it reached it, has been acknowledged) and writes nothing after this returns."""
+        task = self._refold_task
+        if task is None or task.done():
+            return
+        self._refold_stop = True
+        with contextlib.suppress(Exception):  # its failure is logged by itself
+            await asyncio.shield(task)
 
     async def refold_local_users(self) -> None:
-        """After a swap: re-solve every user this worker holds counts for against the new model."""
+        """After a swap: re-solve every user of the partitions this worker holds against the new model, a
+        chunk at a time. Runs as `_refold_task`: a revocation (or a newer swap) stops it between chunks,
+        and a chunk writes only rows of partitions still assigned, so no row of a partition another worker
+        owns now is written. Users it did not reach are solved on their next play or request
+        (`serving_vector` never serves a vector of another model version)."""
         live = self.live
         if live is None:
             return
+        try:
+            await self._refold(live)
+        except Exception:
+            log.exception(
+                "re-fold against model %s failed; users are solved on their next play or request", live.version
+            )
+
+    async def _refold(self, live: LiveModel) -> None:
         users = list(dict.fromkeys([*(key for key, _ in self.users.items()), *(u.encode() for u in self._states)]))
         loop = asyncio.get_running_loop()
+        written = 0
         for start in range(0, len(users), REFOLD_BATCH):
+            if self._refold_stop or self.live is not live:
+                log.info("re-fold against model %s stopped after %d of %d users", live.version, written, len(users))
+                return
             states = {}
             for key in users[start : start + REFOLD_BATCH]:
                 try:
@@ -255,21 +360,39 @@ class StreamWorker:
                     log.error("user-state row %r is damaged, not re-folded: %s", key[:60], exc)
             full = {user: live.full_counts(user, state.counts) for user, state in states.items()}
             vectors = await loop.run_in_executor(None, live.fold_in_users, full)
-            entries = []
+            if self._refold_stop or self.live is not live:  # revoked (or swapped again) while solving
+                continue
+            assigned = set(self.assigned_partitions())
+            entries, olds, news = [], [], []
             for user, state in states.items():
                 key = user.encode()
+                partition = self.partitioner(key)
+                if partition not in assigned:
+                    continue  # another worker owns this user now: its row is not ours to write
                 current = self.user_state(user)
-                if current.offset != state.offset:
+                if current.stamp() != state.stamp():
                     continue  # plays arrived meanwhile: that batch folded the user in against this model
                 vector = vectors.get(user)
                 new = current._replace(version=live.version if vector is not None else None, vector=vector)
                 if user in self._states:
                     self._states[user] = new
-                entries.append((key, pack_user(new), self.partitioner(key)))
+                if vector is not None:  # X^T X of the new model holds the user's model row (or nothing)
+                    old = live.model_user_vector(user)
+                    olds.append(np.zeros(live.k, np.float32) if old is None else old)
+                    news.append(vector)
+                entries.append((key, pack_user(new), partition))
+            if news:  # (additive: its order against a concurrent fold-in's update does not matter)
+                live.users_moved(np.stack(olds), np.stack(news))
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
-            self.metrics.user_fold_ins.inc(len(vectors))
+            written += len(entries)
+            for key, _, _ in entries:  # the new tracks they streamed are solved again from the new vectors
+                user = key.decode()
+                if vectors.get(user) is not None and not self._refold_stop and self.live is live:
+                    state = self.user_state(user)
+                    await self._send_listener_updates(live, user, state.counts, vectors[user], state.counts)
+            self.metrics.user_fold_ins.inc(len(entries))
             await asyncio.sleep(0)  # let requests in between chunks
-        log.info("re-folded %d users against model %s", len(users), live.version)
+        log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
 
     # -- plays ---------------------------------------------------------------------------------
     def user_state(self, user: str) -> UserState:
@@ -298,8 +421,10 @@ class StreamWorker:
         """One micro-batch of `plays` records: validate and count streams per user at once; the fold-in
         and the changelog write of the counted users follow in the background.
 
-        Counting is idempotent: each user's state records the offset of the last record applied
-        (a user's records all live in one partition), so a batch re-delivered after a crash between
+        Plays on another partition than their user's (a client whose partitioner is not murmur2, or a
+        keyless record) are forwarded to the user's partition of `plays.repartition` (`on_forwarded_plays`).
+        Counting is idempotent: each user's state records the offset of the last record applied from
+        the user's own partition, so a batch re-delivered after a crash between
         the table write and the offset commit is not counted twice; a play whose `event_id` is among the
         user's RECENT_EVENT_IDS latest (a client's re-send: another record) is skipped and counted in
         `playrec_duplicate_events_total`. Counting never waits for a
@@ -311,7 +436,7 @@ class StreamWorker:
         """
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        events: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]] = defaultdict(list)
         partitions: dict[str, int] = {}
         partition_of = self.partitioner
         for message in batch:
@@ -319,19 +444,65 @@ class StreamWorker:
             if event is None:
                 await self._dead_letter(message, reason)
                 continue
-            if message.key is None:
-                await self._dead_letter(message, "record has no key: events must be keyed by user id")
+            key = message.key if message.key is not None else event.user.encode("utf-8")
+            home = partition_of(key)
+            if message.partition != home:  # another client's partitioner: counted by the user's partition
+                await self._forward(message, key, home)
                 continue
-            expected = partition_of(message.key)
-            if message.partition != expected:
-                await self._dead_letter(
-                    message,
-                    f"record on partition {message.partition} but its key hashes to {expected}: "
-                    "produce with the default (murmur2) partitioner",
-                )
+            events[event.user, None].append((message.offset, event.track, event.ms_played, event.event_id))
+            partitions[event.user] = home
+        return await self._count(events, partitions, len(batch), started)
+
+    async def on_forwarded_plays(self, batch: list[Any]) -> asyncio.Future | None:
+        """One micro-batch of `plays.repartition` records (plays another worker read from a partition other
+        than their user's): validated like plays, plus the forwarding header and the partition; each is
+        applied once per (user, source partition) by its source offset (a forwarder re-sends a suffix
+        after a crash). Returns the completion like `on_plays`."""
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]] = defaultdict(list)
+        partitions: dict[str, int] = {}
+        partition_of, P = self.partitioner, self.settings.partitions
+        for message in batch:
+            event, reason = decode_play(message.key, message.value, now_ms)
+            source = read_source(message.headers, P) if event is not None else None
+            if isinstance(source, str):
+                event, reason = None, source
+            elif event is not None and message.key is None:
+                event, reason = None, "forwarded play without a key"
+            elif event is not None and message.partition != partition_of(message.key):
+                event, reason = None, f"forwarded play on partition {message.partition}, not its user's"
+            elif event is not None and source[0] == message.partition:
+                event, reason = None, "forwarded play from its own user's partition"
+            if event is None:
+                await self._dead_letter(message, reason)
                 continue
-            events[event.user].append((message.offset, event.track, event.ms_played, event.event_id))
+            events[event.user, source[0]].append((source[1], event.track, event.ms_played, event.event_id))
             partitions[event.user] = message.partition
+        return await self._count(events, partitions, len(batch), started)
+
+    async def _forward(self, message: Any, key: bytes, home: int) -> None:
+        """Re-send a play read from the wrong partition to its user's partition of `plays.repartition`
+        (delivered before the batch's offsets are committed: faust's commit flushes the producer)."""
+        self.metrics.forwarded.inc()
+        await self.plays_forward.send(
+            key=key,
+            value=message.value,
+            partition=home,
+            timestamp=message.timestamp / 1000.0 if message.timestamp else None,
+            headers=[source_header(message.partition, message.offset)],
+        )
+
+    async def _count(
+        self,
+        events: dict[tuple[str, int | None], list[tuple[int, str, int, str | None]]],
+        partitions: dict[str, int],
+        n_records: int,
+        started: float,
+    ) -> asyncio.Future | None:
+        """Count `events` {(user, source partition or None for the user's own): [(offset, track, ms_played,
+        event_id)] in offset order} into the users' rows, skipping what each row already applied; the
+        counted users become pending for the next fold-in, whose completion is returned."""
         if self._unfolded_events >= MAX_UNFOLDED_EVENTS:  # fold-ins fell behind: wait for the one running
             await self._wait_fold_task()
         await self._check_state_cache()
@@ -340,10 +511,13 @@ class StreamWorker:
         frozen = self._frozen
         pending = self._pending
         stale, next_fold = self._stale, self._fold_seq + 1
-        for user, plays in events.items():
+        for (user, source), plays in events.items():
             state = cached(user)
-            offset = state.offset
-            fresh = fresh_plays(plays, offset)
+            if source is None:
+                applied_offset = state.offset
+            else:
+                applied_offset = -1 if state.sources is None else state.sources.get(source, -1)
+            fresh = fresh_plays(plays, applied_offset)
             if not fresh:
                 continue  # re-delivered after a crash: already counted
             counts = state.counts  # the cached row's dict, updated in place ...
@@ -352,7 +526,7 @@ class StreamWorker:
                 frozen.discard(user)
             entry = pending.get(user)
             if entry is None:
-                entry = pending[user] = _Pending(offset, {}, partitions[user])
+                entry = pending[user] = _Pending(state.stamp(), {}, partitions[user])
             added = entry.added
             before = streams
             recent = state.recent
@@ -370,16 +544,26 @@ class StreamWorker:
                     streams += 1
             if streams > before:
                 stale[user] = next_fold
-            self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
+            if len(counts) > MAX_USER_TRACKS:  # a bounded row: the least-played tracks make room
+                for track in trim_counts(counts, MAX_USER_TRACKS * 9 // 10):
+                    added.pop(track, None)
+                    self.metrics.tracks_trimmed.inc()
+                entry.before = REBUILD_STAMP  # the fold-in solves the user from the kept counts, not incrementally
+            if source is None:
+                self._states[user] = state._replace(counts=counts, offset=fresh[-1][0], recent=recent)
+            else:
+                sources = dict(state.sources or {})
+                sources[source] = fresh[-1][0]
+                self._states[user] = state._replace(counts=counts, recent=recent, sources=sources)
         self.metrics.events.inc(applied)
         if duplicates:
             self.metrics.duplicates.inc(duplicates)
         self.metrics.streams.inc(streams)
-        self.metrics.batch_events.observe(len(batch))
+        self.metrics.batch_events.observe(n_records)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         if not pending:
             return None
-        self._unfolded_events += len(batch)
+        self._unfolded_events += n_records
         if self._pending_done is None:
             self._pending_done = asyncio.get_running_loop().create_future()
         done = self._pending_done
@@ -445,7 +629,9 @@ class StreamWorker:
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the counted users' fold-in and write before partitions move: their rows must reach the
         changelog before the next owner recovers them (a later write from here would overwrite the new
-        owner's rows). The decoded rows are dropped: the next generation refills them from the store."""
+        owner's rows). The decoded rows are dropped: the next generation refills them from the store. A
+        re-fold in progress is stopped first (it would write rows of partitions that move)."""
+        await self._stop_refold()
         await self.drain_fold_ins()
         self._states.clear()
         self._stale.clear()
@@ -494,7 +680,7 @@ class StreamWorker:
         if live is not None:
             for user, entry in pending.items():
                 if not entry.added:  # the offset moved without streams: a cached system stays valid
-                    live.advance(user, entry.before, states[user].offset)
+                    live.advance(user, entry.before, states[user].stamp())
             if any(entry.added for entry in pending.values()):
                 vectors, rows = await self._solve(live, states, pending, seq)
         entries, olds, news = [], [], []
@@ -527,20 +713,30 @@ class StreamWorker:
         await self.user_writer.write(entries)
         self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))
-        # plays of tracks the model does not know go to the track side, with the listener's vector
+        # tracks the model does not know learn from their listeners: a new vector updates the user's
+        # contribution to every such track they streamed (also those streamed before they had a vector)
         for user, entry in pending.items() if live is not None else ():
             vector = vectors.get(user)
-            for track in entry.added:
-                if track in live.item_index:
-                    continue
-                body = {
-                    "track": track,
-                    "user": user,
-                    "count": int(states[user].counts[track]),
-                    "x": None if vector is None else np.asarray(vector, "<f4").tobytes(),
-                }
-                await self.track_plays.send(key=track.encode(), value=pack_message(body))
+            tracks = states[user].counts if vector is not None else entry.added
+            await self._send_listener_updates(live, user, states[user].counts, vector, tracks)
         return vectors
+
+    async def _send_listener_updates(
+        self,
+        live: LiveModel,
+        user: str,
+        counts: Mapping[str, int],
+        vector: np.ndarray | None,
+        tracks: Iterable[str],
+    ) -> None:
+        """Send `user`'s streams of each of `tracks` the model does not know, with the user's `vector` (of
+        model `live.version`; None: counts only), to the track's owner on `track-plays`."""
+        x = None if vector is None else np.asarray(vector, "<f4").tobytes()
+        for track in tracks:
+            if track in live.item_index:
+                continue
+            body = {"track": track, "user": user, "count": int(counts[track]), "x": x, "v": live.version}
+            await self.track_plays.send(key=track.encode(), value=pack_message(body))
 
     async def _solve(
         self, live: LiveModel, states: dict[str, UserState], pending: dict[str, _Pending], seq: int
@@ -572,7 +768,7 @@ class StreamWorker:
         def fold() -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
             """Reads only the fold-in's own `states` and `pending` (handed over, frozen)."""
             changes = {
-                user: live.change(user, entry.before, states[user].offset, entry.added, states[user].counts)
+                user: live.change(user, entry.before, states[user].stamp(), entry.added, states[user].counts)
                 for user, entry in pending.items()
                 if entry.added
             }
@@ -593,71 +789,117 @@ class StreamWorker:
 
     # -- new tracks ----------------------------------------------------------------------------
     async def on_track_plays(self, batch: list[Any]) -> None:
+        """One micro-batch of `track-plays`: each record is a listener's current streams of a new track and
+        their vector (stream/track_state.py). The listener's row and the track's bounded statistics are
+        updated (old contribution out, new one in), rows written once per batch; a track is solved when
+        it reaches `min_listeners` listeners with vectors of the live model and again at every doubling
+        of them, and a changed track is re-solved by the `resolve_tracks` timer within TRACK_RESOLVE_S
+        (so its vector is exact for all its listeners shortly after the last update)."""
         live = self.live
-        touched: dict[str, Any] = {}
-        state: dict[str, dict] = {}
+        if live is None:
+            return  # no model to solve against yet: the listeners send again when they are folded in
+        version, k, params = live.version, live.k, live.params
+        listeners: dict[bytes, Listener] = {}
+        stats: dict[str, TrackStats] = {}
         for message in batch:
-            try:
-                body = unpack_message(message.value)
-                track, user = str(body["track"]), str(body["user"])
-            except Exception as exc:  # written by our own workers; report, never stop
-                log.warning("malformed track-play at %s/%s: %s", message.partition, message.offset, exc)
+            play, reason = decode_track_play(message.value)
+            if play is None:  # workers write this topic, but so can anyone: dead-letter, never stop
+                await self._dead_letter(message, f"track-play: {reason}")
                 continue
-            if track not in state:
-                raw = self.listeners.get(track.encode())
-                state[track] = unpack_message(raw) if raw is not None else {}
-            entry = state[track].get(user, [0, None])
-            entry[0] = int(body["count"])
-            if body.get("x") is not None:
-                entry[1] = body["x"]
-            state[track][user] = entry
-            touched[track] = message
-        ready: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        await self.listener_writer.write(
-            [(t.encode(), pack_message(state[t]), self.partitioner(t.encode())) for t in touched]
+            track = play.track
+            if track in live.item_index:
+                continue  # the model knows it now
+            key = listener_key(track, play.user)
+            old = listeners.get(key) or unpack_listener(self.listeners.get(key))
+            if play.x is not None:
+                new = Listener(play.count, play.x, play.version)
+            else:
+                new = Listener(play.count, old.x, old.version)
+            if new == old:
+                continue  # a re-sent update
+            track_stats = stats.get(track)
+            if track_stats is None:
+                track_stats = stats[track] = unpack_stats(self.listeners.get(stats_key(track)), version, k)
+            if old.count > 0:
+                track_stats.apply(old.x, old.version, confidence_weight(old.count, params), -1.0)
+            if new.count > 0:
+                track_stats.apply(new.x, new.version, confidence_weight(new.count, params), 1.0)
+            listeners[key] = new
+        if not stats:
+            return
+        solve_now: dict[str, TrackStats] = {}
+        for track, track_stats in stats.items():
+            if track_stats.listeners >= self.settings.min_listeners and (
+                track_stats.solved_at == 0 or track_stats.listeners >= 2 * track_stats.solved_at
+            ):
+                track_stats.solved_at = track_stats.listeners
+                solve_now[track] = track_stats
+            else:
+                self._dirty_tracks[track] = None  # the timer re-solves it
+        partition_of = self.partitioner
+        entries = [(key, pack_listener(row), partition_of(key.split(b"\x00")[1])) for key, row in listeners.items()]
+        entries += [(stats_key(t), pack_stats(st), partition_of(t.encode())) for t, st in stats.items()]
+        await self.listener_writer.write(entries)
+        for track, track_stats in solve_now.items():
+            self._dirty_tracks.pop(track, None)
+            await self._publish_track(live, track, track_stats)
+
+    async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> None:
+        """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`."""
+        vector = track_stats.solve(live.user_gram, live.params.reg)
+        self.metrics.track_fold_ins.inc()
+        body = {
+            "track": track,
+            "x": np.asarray(vector, "<f4").tobytes(),
+            "listeners": track_stats.listeners,
+            "version": track_stats.version,
+        }
+        await self.app.producer.send(
+            self.topics.track_vectors, track.encode(), pack_message(body), partition=None, timestamp=None, headers=None
         )
-        for track in touched:
-            with_vectors = [(c, x) for c, x in state[track].values() if x is not None and c > 0]
-            if live is not None and len(with_vectors) >= self.settings.min_listeners and track not in live.item_index:
-                ready[track] = (
-                    np.stack([np.frombuffer(x, "<f4") for _, x in with_vectors]).astype(np.float32),
-                    np.array([c for c, _ in with_vectors], np.float32),
-                )
-        if ready:
-            solved = live.fold_in_tracks(ready)
-            self.metrics.track_fold_ins.inc(len(solved))
-            producer = self.app.producer
-            for track, vector in solved.items():
-                body = {
-                    "track": track,
-                    "x": np.asarray(vector, "<f4").tobytes(),
-                    "listeners": len(ready[track][1]),
-                    "version": live.version,
-                }
-                await producer.send(
-                    self.topics.track_vectors,
-                    track.encode(),
-                    pack_message(body),
-                    partition=None,
-                    timestamp=None,
-                    headers=None,
-                )
+
+    async def resolve_tracks(self) -> None:
+        """Timer: re-solve the new tracks whose listeners changed since their last solve (at most
+        MAX_TRACK_RESOLVES per tick), on partitions this worker still owns."""
+        live = self.live
+        if live is None or not self._dirty_tracks:
+            return
+        assigned = set(self.assigned_partitions())
+        for track in list(itertools.islice(self._dirty_tracks, MAX_TRACK_RESOLVES)):
+            del self._dirty_tracks[track]
+            if track in live.item_index or self.partitioner(track.encode()) not in assigned:
+                continue
+            track_stats = unpack_stats(self.listeners.get(stats_key(track)), live.version, live.k)
+            if track_stats.listeners >= self.settings.min_listeners:
+                await self._publish_track(live, track, track_stats)
+
+    async def _dead_letter_broadcast(self, record: Any, reason: str) -> None:
+        """Dead-letter a bad record of a topic every worker reads, once: by the worker that owns the
+        same-numbered partition of `plays` (partition modulo P); the others only log it."""
+        partition = record.partition % self.settings.partitions
+        try:
+            assignment = self.app.consumer.assignment()
+            owned = any(tp.topic == self.topics.plays and tp.partition == partition for tp in assignment)
+        except Exception:  # consumer not started yet
+            owned = False
+        if owned:
+            await self._dead_letter(record, reason)
+        else:
+            log.warning("bad record %s/%s/%s: %s", record.topic, record.partition, record.offset, reason)
 
     async def on_track_vectors(self, records: list[Any]) -> None:
         fresh: dict[str, np.ndarray] = {}
         for record in records:
-            try:
-                body = unpack_message(record.value)
-                vector = np.frombuffer(body["x"], "<f4").astype(np.float32)
-                track = str(body["track"])
-            except Exception as exc:
-                log.warning("malformed track vector at offset %s: %s", record.offset, exc)
+            solved, reason = decode_track_vector(record.value)
+            if solved is None:
+                await self._dead_letter_broadcast(record, f"track-vector: {reason}")
                 continue
-            self.track_vectors[track] = vector
-            fresh[track] = vector
+            entry = self.track_vectors[solved.track] = (solved.vector, solved.version)
+            fresh[solved.track] = entry
         live = self.live
-        if live is not None and fresh:
-            live.add_tracks({t: v for t, v in fresh.items() if t not in live.item_index and len(v) == live.k})
+        servable = servable_tracks(live, fresh) if live is not None else {}
+        if servable:
+            live.add_tracks(servable)
             self.metrics.new_tracks.set(len(live.new_ids))
 
     # -- take-downs -----------------------------------------------------------------------------
@@ -672,11 +914,11 @@ class StreamWorker:
     async def on_takedowns(self, records: list[Any]) -> None:
         changed: dict[str, bool] = {}
         for record in records:
-            try:
-                body = unpack_message(record.value)
-                changed[str(body["track"])] = bool(body["taken_down"])
-            except Exception as exc:
-                log.warning("malformed take-down at offset %s: %s", record.offset, exc)
+            takedown, reason = decode_takedown(record.value)
+            if takedown is None:
+                await self._dead_letter_broadcast(record, f"take-down: {reason}")
+                continue
+            changed[takedown.track] = takedown.taken_down
         self.takedowns.update(changed)
         live = self.live
         if live is not None:
@@ -723,6 +965,27 @@ class StreamWorker:
             log.debug("lag update failed", exc_info=True)
 
 
+def trim_counts(counts: dict[str, int], keep: int) -> list[str]:
+    """Drop all but the `keep` most-played tracks of `counts` in place (ties: the smaller track id stays);
+    returns the dropped tracks."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    dropped = [track for track, _ in ranked[keep:]]
+    for track in dropped:
+        del counts[track]
+    return dropped
+
+
+def servable_tracks(live: LiveModel, vectors: Mapping[str, tuple[np.ndarray, str | None]]) -> dict[str, np.ndarray]:
+    """The folded-in track vectors `live` can serve: solved against its own model version (a vector of
+    another model lives in another latent basis; the track's owner re-solves it from its listeners' new
+    vectors after a swap) and not known to the model itself."""
+    return {
+        t: v
+        for t, (v, version) in vectors.items()
+        if version == live.version and t not in live.item_index and len(v) == live.k
+    }
+
+
 def fresh_plays(plays: list[tuple], applied: int) -> list[tuple]:
     """The plays `(offset, track, ms_played, event_id)` of one user still to count, each record once: offsets above
     `applied` (the user's last applied offset: a batch re-delivered after a crash is skipped) and above
@@ -737,8 +1000,8 @@ def fresh_plays(plays: list[tuple], applied: int) -> list[tuple]:
 
 
 class _Pending:
-    """A user counted since the last fold-in started: state offset before, streams added per track,
-    partition."""
+    """A user counted since the last fold-in started: state stamp (`UserState.stamp`) before, streams
+    added per track, partition."""
 
     __slots__ = ("added", "before", "partition")
 

@@ -69,15 +69,32 @@ def play_log(n: int, n_users: int = 2000, seed: int = 0) -> PlayLog:
     return PlayLog(records, expected)
 
 
+def replay_producer(bootstrap: str) -> KafkaProducer:
+    """The fault tests' producer: idempotent, acks=all, retrying through broker restarts and take-overs."""
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        retries=2**31 - 1,
+        delivery_timeout_ms=300_000,
+        request_timeout_ms=10_000,
+        reconnect_backoff_max_ms=1_000,
+    )
+
+
 @dataclass
 class Replay:
-    """Produce `records` to `topic` at `rate` events/s from a thread (idempotent producer, acks=all)."""
+    """Produce `records` to `topic` at `rate` events/s from a thread (idempotent producer, acks=all);
+    `partition_of(i)` picks record i's partition (default: kafka-python's murmur2 of the key)."""
 
     bootstrap: str
     topic: str
     records: list[tuple[bytes, bytes]]
     rate: float
+    partition_of: Callable[[int], int] | None = None
     sent: int = 0
+    started: float = 0.0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -86,23 +103,13 @@ class Replay:
         return self
 
     def _run(self) -> None:
-        producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            retries=2**31 - 1,
-            delivery_timeout_ms=300_000,
-            request_timeout_ms=10_000,
-            reconnect_backoff_max_ms=1_000,
-        )
+        producer = replay_producer(self.bootstrap)
         try:
-            started = time.monotonic()
+            self.started = time.monotonic()
             for key, value in self.records:
-                delay = started + self.sent / self.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                producer.send(self.topic, key=key, value=value)
+                self.paced()
+                partition = None if self.partition_of is None else self.partition_of(self.sent)
+                producer.send(self.topic, key=key, value=value, partition=partition)
                 self.sent += 1
             producer.flush(timeout=300)
         except BaseException as exc:  # reported by wait()
@@ -110,6 +117,12 @@ class Replay:
         finally:
             producer.close()
             self.done.set()
+
+    def paced(self) -> None:
+        """Sleep until the next record is due (the replay's rate)."""
+        delay = self.started + self.sent / self.rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def wait_sent(self, count: int, deadline_s: float) -> None:
         wait_for(lambda: self.sent >= count or self.done.is_set(), deadline_s, f"{count} events sent")
@@ -122,6 +135,42 @@ class Replay:
     def check(self) -> None:
         if self.error is not None:
             raise AssertionError(f"the replay producer failed: {self.error!r}")
+
+
+@dataclass
+class ConfluentReplay(Replay):
+    """The same replay through librdkafka (confluent-kafka) with its default partitioner: CRC32 of the key
+    (`consistent_random`), not murmur2, so most records land on another partition than their user's."""
+
+    def _run(self) -> None:
+        from confluent_kafka import KafkaException, Producer
+
+        failures: list[str] = []
+
+        def delivered(err, _msg) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        try:
+            self.started = time.monotonic()
+            for key, value in self.records:
+                self.paced()
+                while True:
+                    try:
+                        producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
+                        break
+                    except BufferError:  # local queue full: serve delivery reports, then retry
+                        producer.poll(0.1)
+                producer.poll(0)
+                self.sent += 1
+            left = producer.flush(300)
+            if left or failures:
+                raise KafkaException(f"{left} records undelivered, delivery errors: {failures[:3]}")
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def counts_over_http(worker: WorkerProcess, users: list[str]) -> dict[str, dict[str, int]]:

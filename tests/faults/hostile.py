@@ -109,3 +109,52 @@ def exotic_valid(n: int) -> list[tuple[str, str]]:
     users = ["Ünïcödé", "用户", "\U0001f3b5fan", "\u05de\u05e9\u05ea\u05de\u05e9", "e\u0301", "a\u200db", "x" * 256]
     tracks = ["曲", "\U0001f525\U0001f525", "\u0627\u063a\u0646\u064a\u0629", "Ω≈ç√", "t\u00a0t"]
     return [(users[i % len(users)], tracks[i % len(tracks)]) for i in range(n)]
+
+
+#: The worker's internal topics (by suffix of their name) and what a valid record of each holds.
+_INTERNAL_GOOD = {
+    "track-plays": {"track": "nt1", "user": "x", "count": 2, "x": b"\x00\x00\x80\x3f" * 8},
+    "track-vectors": {"track": "nt1", "x": b"\x00\x00\x80\x3f" * 8, "listeners": 5, "version": "v1"},
+    "track-takedowns": {"track": "nt1", "taken_down": True, "reason": "", "at": NOW_MS},
+}
+INTERNAL_KINDS = ("random-bytes", "bomb", "not-a-map", "missing", "wrong-type", "bad-id", "bad-vector", "nan")
+
+
+def hostile_internal(n: int, seed: int = 0) -> list[tuple[str, bytes, bytes, str]]:
+    """`n` invalid records for the internal topics: (topic suffix, key, value, kind), topics and kinds in
+    rotation (`plays.repartition` gets plays without or with a broken forwarding header)."""
+    rng = random.Random(seed)
+    topics = (*_INTERNAL_GOOD, "plays.repartition")
+    out = []
+    for i in range(n):
+        topic, kind = topics[i % len(topics)], INTERNAL_KINDS[(i // len(topics)) % len(INTERNAL_KINDS)]
+        key = f"h{i}".encode()
+        if topic == "plays.repartition":
+            out.append((topic, key, _play(user=f"h{i}"), "no-header" if (i // len(topics)) % 2 else "bad-header"))
+            continue
+        good = {**_INTERNAL_GOOD[topic]}
+        if kind in ("random-bytes", "bomb", "not-a-map"):
+            value = hostile_value(rng, kind, i)
+        elif kind == "missing":  # a required field
+            required = {"track-plays": ("track", "user", "count"), "track-vectors": ("track", "x")}
+            del good[rng.choice(required.get(topic, ("track", "taken_down")))]
+            value = msgpack.packb(good)
+        elif kind == "wrong-type":
+            field = rng.choice([f for f in good if f not in ("reason", "at", "version")])
+            wrong = {"track": (7, b"raw", 2.5, True), "user": (7, b"raw", 2.5), "taken_down": ("yes", 1, None)}
+            good[field] = rng.choice(wrong.get(field, ("3", -1, ["a"], 2.5)))
+            value = msgpack.packb(good)
+        elif kind == "bad-id":
+            good["track"] = rng.choice(("", "x" * 300, "a\x00b", "\n"))
+            value = msgpack.packb(good)
+        elif kind == "bad-vector" and "x" in good:
+            good["x"] = rng.choice((b"\x00\x00\x80", b"", "not bytes", 7))
+            value = msgpack.packb(good)
+        elif kind == "nan" and "x" in good:
+            good["x"] = b"\x00\x00\xc0\x7f" * 8  # float32 NaN
+            value = msgpack.packb(good)
+        else:  # take-downs have no vector: an unknown state instead
+            good["taken_down"] = rng.choice((1, 0, "true", None))
+            value = msgpack.packb(good)
+        out.append((topic, key, value, kind))
+    return out

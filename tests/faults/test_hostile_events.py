@@ -8,14 +8,16 @@ import random
 import time
 from collections import Counter
 
+import msgpack
 import pytest
 from kafka import KafkaProducer
 
 from stream.events import encode_play
+from stream.partitioning import KeyPartitioner
 
-from ..integration.workers import WorkerProcess, read_topic
+from ..integration.workers import WorkerProcess, read_topic, wait_for
 from .harness import counts_over_http, difference, publish_model, unique_names, wait_for_exact_counts
-from .hostile import KINDS, exotic_valid, hostile_records
+from .hostile import KINDS, exotic_valid, hostile_internal, hostile_records
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +80,50 @@ def test_hostile_payloads_are_dead_lettered_and_valid_plays_counted(kafka_bootst
             f"peak RSS {rss_before / 1024:.0f} MB -> +{growth_mb:.1f} MB; "
             f"reasons e.g. {sorted(set(r.split(':')[0][:50] for r in reasons))[:8]}"
         )
+    finally:
+        producer.close()
+        worker.stop()
+
+
+N_INTERNAL = 2_000
+
+
+def test_hostile_records_on_internal_topics_are_dead_lettered(kafka_bootstrap, tmp_path):
+    """track-plays, track-vectors, track-takedowns and plays.repartition are written by workers, but anyone
+    with access can write there too: every bad record is dead-lettered once with a reason, the worker
+    keeps running, and valid plays and take-downs after the flood are still applied."""
+    store = publish_model(tmp_path)
+    prefix, app_id = unique_names()
+    worker = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "w")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5)
+    try:
+        worker.wait_ready(120)
+        hostile = hostile_internal(N_INTERNAL, seed=3)
+        murmur2 = KeyPartitioner(8)
+        for i, (topic, key, value, kind) in enumerate(hostile):
+            headers = [("playrec-source", b"x:-1")] if kind == "bad-header" else None
+            partition = {"track-takedowns": 0, "plays.repartition": murmur2(key)}.get(topic, i % 8)
+            producer.send(prefix + topic, key=key, value=value, partition=partition, headers=headers)
+        producer.flush()
+        records = read_topic(kafka_bootstrap, prefix + "plays.dead-letter", N_INTERNAL, 180)
+        assert Counter((r.key, r.value) for r in records) == Counter((k, v) for _, k, v, _ in hostile)
+        by_topic = Counter(dict(r.headers)["source"].decode().rsplit("/", 2)[0][len(prefix) :] for r in records)
+        assert by_topic == Counter(topic for topic, *_ in hostile), by_topic
+        assert all(dict(r.headers).get("reason") for r in records)
+        assert worker.proc.poll() is None
+        # still working: a valid take-down and valid plays after the flood
+        key, value = encode_play("after", "t3", int(time.time() * 1000), 60_000)
+        producer.send(prefix + "plays", key=key, value=value)
+        producer.send(
+            prefix + "track-takedowns",
+            key=b"t3",
+            value=msgpack.packb({"track": "t3", "taken_down": True, "reason": "", "at": 0}),
+        )
+        producer.flush()
+        wait_for_exact_counts(lambda: worker, {"after": {"t3": 1}}, 60)
+        wait_for(lambda: worker.request("/tracks/t3/similar?k=3")[0] == 404, 60, "the take-down to apply")
+        reasons = sorted({dict(r.headers)["reason"].decode().split(":")[0][:40] for r in records})
+        print(f"\nhostile internal: {N_INTERNAL} records on 4 internal topics, each dead-lettered once: {reasons[:6]}")
     finally:
         producer.close()
         worker.stop()

@@ -24,3 +24,21 @@ def synthetic_counts(plays: sp.csr_matrix) -> PlayCounts:
     """`plays` as PlayCounts with users "u0", "u1", ... and tracks "t0", "t1", ..."""
     n_users, n_tracks = plays.shape
     return PlayCounts(plays, np.array([f"u{i}" for i in range(n_users)]), np.array([f"t{i}" for i in range(n_tracks)]))
+
+
+def gram_from_scratch(live, states) -> np.ndarray:
+    """The X^T X a worker's track half-step uses, computed from scratch: the model's user factors with each
+    row replaced by the user's fold-in vector of the live version, plus new users' vectors.
+    `states`: (user, UserState) pairs. (k, k) float64."""
+    X = np.asarray(live.model.user_factors, np.float64).copy()
+    extra = []
+    for user, state in states:
+        if state.vector is None or state.version != live.version:
+            continue
+        row = live.user_index.get(user)
+        if row is None:
+            extra.append(state.vector)
+        else:
+            X[row] = state.vector
+    X = np.vstack([X, np.asarray(extra, np.float64)]) if extra else X
+    return X.T @ X

@@ -8,7 +8,6 @@ as the ingest hands them over, and the changelog write at the end of a fold-in i
 from __future__ import annotations
 
 import asyncio
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -20,16 +19,9 @@ from stream.events import encode_play
 from stream.settings import WorkerSettings
 from stream.worker import StreamWorker
 
+from .records import Record
 from .synthetic import random_plays, synthetic_counts
 from .test_live_model import PARAMS
-
-
-class Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +163,26 @@ def test_event_ids_are_remembered_per_user_up_to_a_bound(worker):
     assert state.counts == {"t1": RECENT_EVENT_IDS + 2}  # all but the re-sent "e1"
     assert worker.user_state("u5").counts == {"t1": 1}
     assert metric(worker, "playrec_duplicate_events_total") == 1
+
+
+def test_a_users_row_keeps_a_bounded_number_of_tracks(worker, monkeypatch):
+    """Past MAX_USER_TRACKS distinct tracks the least-played are dropped (down to 90%), the row stays
+    bounded and the user's vector is the exact fold-in of the kept counts (not an incremental update of
+    the cached system, which still holds the dropped tracks)."""
+    import stream.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "MAX_USER_TRACKS", 20)
+
+    async def scenario():
+        first = ["t1"] * 5 + ["t2"] * 3 + ["t3", "t3"] + [f"t{i}" for i in range(4, 16)]
+        await worker.on_plays(batch(worker, "u9", first, 0))  # 15 tracks: kept, the system is cached
+        await worker.drain_fold_ins()
+        await worker.on_plays(batch(worker, "u9", ["t30", "t30"] + [f"t{i}" for i in range(16, 26)], len(first)))
+        await worker.drain_fold_ins()  # 26 tracks: trimmed to 18, the user solved again from the kept ones
+
+    asyncio.run(scenario())
+    state = worker.user_state("u9")
+    assert len(state.counts) == 18 and (state.counts["t1"], state.counts["t2"], state.counts["t30"]) == (5, 3, 2)
+    assert metric(worker, "playrec_user_tracks_trimmed_total") == 26 - 18
+    np.testing.assert_allclose(state.vector, exact(worker, "u9"), rtol=1e-4, atol=1e-6)
+    assert unpack_user(worker.users.data[b"u9"]).counts == state.counts

@@ -1,0 +1,149 @@
+"""A new track's state stays bounded whatever its listeners, and its vector is the exact item half-step
+over all of them (issue #12 item 2, issue #20): offline worker, `track-plays` records as the user side
+sends them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from batch.foldin import fold_in
+from batch.model_store import ModelStore
+from batch.training import train_and_publish
+from stream.codec import pack_message, unpack_message
+from stream.settings import WorkerSettings
+from stream.track_state import confidence_weight, stats_key, unpack_stats
+from stream.worker import StreamWorker
+
+from .records import Record
+from .synthetic import random_plays, synthetic_counts
+from .test_live_model import PARAMS
+
+ROW_LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def worker(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    train_and_publish(
+        synthetic_counts(random_plays(60, 40, 0.1, seed=3)), store, PARAMS, holdout=0, show_progress=False
+    )
+    worker = StreamWorker(WorkerSettings(bootstrap="127.0.0.1:9", store=store.root, data_dir=tmp_path / "data"))
+    worker.assigned_partitions = lambda: list(range(worker.settings.partitions))
+    worker.largest_row = 0
+    worker.published = []
+
+    async def write(entries):
+        for key, value, _ in entries:
+            worker.listeners.data[key] = value
+            worker.largest_row = max(worker.largest_row, len(value))
+
+    async def send(topic, key, value, **kwargs: Any):
+        worker.published.append(unpack_message(value))
+
+    worker.listener_writer.write = write
+    worker.app.producer.send = send
+    return worker
+
+
+def track_play(track: str, user: str, count: int, x: np.ndarray | None, version: str | None, offset: int) -> Record:
+    body = {
+        "track": track,
+        "user": user,
+        "count": count,
+        "x": None if x is None else x.astype("<f4").tobytes(),
+        "v": version,
+    }
+    return Record("track-plays", 0, offset, track.encode(), pack_message(body))
+
+
+def half_step(worker: StreamWorker, vectors: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The batch item half-step over these listeners against the worker's X^T X."""
+    live = worker.live
+    plays = sp.csr_matrix((counts.astype(np.float32), np.arange(len(counts)), [0, len(counts)]), shape=(1, len(counts)))
+    return fold_in(plays, vectors, live.params, gram=live.user_gram)[0]
+
+
+def last_vector(worker: StreamWorker, track: str) -> tuple[np.ndarray, dict]:
+    body = [b for b in worker.published if b["track"] == track][-1]
+    return np.frombuffer(body["x"], "<f4"), body
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_100000_listeners_keep_the_rows_bounded_and_the_vector_exact(worker):
+    live = worker.live
+    rng = np.random.default_rng(0)
+    n = 100_000
+    vectors = (rng.standard_normal((n, live.k)) * 0.3).astype(np.float32)
+    counts = rng.integers(1, 40, n)
+
+    async def scenario():
+        for start in range(0, n, 5000):
+            batch = [
+                track_play("hit", f"l{i}", int(counts[i]), vectors[i], live.version, i)
+                for i in range(start, start + 5000)
+            ]
+            await worker.on_track_plays(batch)
+        await worker.resolve_tracks()  # the timer's re-solve after the last update
+
+    asyncio.run(scenario())
+    assert worker.largest_row < ROW_LIMIT, worker.largest_row
+    solves = [b["listeners"] for b in worker.published if b["track"] == "hit"]
+    assert solves[0] == 5000 and solves[-1] == n  # solved at the first batch, doublings, then exact at the end
+    assert len(solves) <= 8
+    vector, body = last_vector(worker, "hit")
+    assert body["version"] == live.version
+    assert relative_error(vector, half_step(worker, vectors, counts)) < 1e-4
+
+
+def test_listeners_that_change_count_again_and_reach_every_later_solve(worker):
+    live = worker.live
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, live.k)) * 0.3).astype(np.float32)
+
+    async def scenario():
+        # three listeners have no vector yet (new users whose first stream is the hit), five have one
+        await worker.on_track_plays([track_play("n1", f"a{i}", 1, None, None, i) for i in range(3)])
+        await worker.on_track_plays([track_play("n1", f"b{i}", 2, x[i], live.version, 10 + i) for i in range(5)])
+        first = last_vector(worker, "n1")[0]
+        np.testing.assert_allclose(first, half_step(worker, x[:5], np.full(5, 2)), rtol=1e-4, atol=1e-6)
+        # the three get vectors (their fold-in), one of the five streams again and gets a new vector
+        await worker.on_track_plays([track_play("n1", f"a{i}", 1, x[5 + i], live.version, 20 + i) for i in range(3)])
+        moved = (x[0] * 0.5).astype(np.float32)
+        again = track_play("n1", "b0", 7, moved, live.version, 30)
+        await worker.on_track_plays([again, again])  # re-sent: applied once
+        await worker.resolve_tracks()
+        return first
+
+    first = asyncio.run(scenario())
+    vectors = np.vstack([moved_x(x), x[1:5], x[5:8]])
+    counts = np.array([7, 2, 2, 2, 2, 1, 1, 1])
+    final = last_vector(worker, "n1")[0]
+    assert not np.allclose(final, first, rtol=1e-3)
+    assert relative_error(final, half_step(worker, vectors, counts)) < 1e-4
+    stats = unpack_stats(worker.listeners.data[stats_key("n1")], live.version, live.k)
+    assert stats.listeners == 8
+    assert confidence_weight(7, live.params) > confidence_weight(2, live.params)
+
+
+def moved_x(x: np.ndarray) -> np.ndarray:
+    return (x[0] * 0.5).astype(np.float32)[None, :]
+
+
+def test_vectors_of_another_model_version_do_not_count(worker):
+    live = worker.live
+    x = np.ones((6, live.k), np.float32) * 0.1
+
+    async def scenario():
+        await worker.on_track_plays([track_play("n2", f"c{i}", 1, x[i], "some-old-version", i) for i in range(6)])
+
+    asyncio.run(scenario())
+    assert not [b for b in worker.published if b["track"] == "n2"]
+    assert unpack_stats(worker.listeners.data[stats_key("n2")], live.version, live.k).listeners == 0
