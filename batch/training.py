@@ -141,6 +141,7 @@ def train_and_publish(
             },
             **(lineage if lineage is not None else {"history": {"arrays": "plays"}, "lineage": []}),
             "training": {
+                "engine": getattr(trainer, "engine", "numpy"),
                 "losses": result.losses,
                 "seconds_per_iteration": float(np.median(result.seconds)) if result.seconds else 0.0,
                 "timings": timings,

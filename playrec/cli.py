@@ -114,6 +114,8 @@ def params_from_args(args: argparse.Namespace):
         def trainer(plays, p, show_progress):
             return train_spark(plays, p, master=args.spark_master, show_progress=show_progress)
 
+        trainer.engine = "spark"  # recorded in the manifest's training.engine
+
     return params, forest, trainer
 
 

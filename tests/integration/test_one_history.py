@@ -22,6 +22,7 @@ from playrec.cli import main
 from stream.events import encode_play
 
 from .test_real_data import LASTFM, require
+from .test_spark import require_spark
 from .workers import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -170,6 +171,20 @@ def test_a_second_retrain_counts_no_play_twice(env):
     assert model_counts(model) == expected_total(env)  # from scratch: file + all that streamed, once
     assert model_counts(model, history=True) == env["file"]
     assert [e["version"] for e in model.manifest["lineage"]][-1] == before
+
+
+def test_a_spark_retrain_merges_the_same_history(env):
+    """`retrain --engine spark`: the merge is the same (numpy, before training), Spark trains on it."""
+    require_spark()
+    store = env["store"]
+    before = store.current_version()
+    stream(env, [(f"spark-{i}", "new-track-3") for i in range(5)] + [("listener-7", "new-track-3")])
+    version = retrain(env, store, "--engine", "spark", "--spark-master", "local[2]")
+    assert version != before
+    model = store.load()
+    assert model.manifest["training"]["engine"] == "spark"
+    assert model_counts(model) == expected_total(env) and model_counts(model, history=True) == env["file"]
+    assert len(model.user_ids) >= 1922 + 5 and np.isfinite(model.user_factors).all()
 
 
 def test_a_stream_lineage_and_a_worker_restart(env, tmp_path):
