@@ -133,6 +133,8 @@ def register_views(worker: StreamWorker) -> None:
         live = worker.live
         if live is None:
             raise NotReadyError("no model loaded yet")
+        if not worker.takedown_reader.caught_up.is_set():  # until then a taken-down track could be served
+            raise NotReadyError("reading take-downs; retry in a moment")
         return live
 
     def streamed_counts(user: str) -> dict[str, int]:

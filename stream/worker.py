@@ -383,13 +383,18 @@ class StreamWorker:
                 entries.append((key, pack_user(new), partition))
             if news:  # (additive: its order against a concurrent fold-in's update does not matter)
                 live.users_moved(np.stack(olds), np.stack(news))
+            # the new tracks they streamed are solved again from the new vectors: durable before the rows,
+            # as in `_fold_in` (a kill in between re-folds them after the restart, which sends them again)
+            deliveries: list[asyncio.Future] = []
+            for key, _, _ in entries:
+                user = key.decode()
+                if vectors.get(user) is not None:
+                    counts = self.user_state(user).counts
+                    deliveries += await self._send_listener_updates(live, user, counts, vectors[user], counts)
+            if deliveries:
+                await asyncio.gather(*deliveries)
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
             written += len(entries)
-            for key, _, _ in entries:  # the new tracks they streamed are solved again from the new vectors
-                user = key.decode()
-                if vectors.get(user) is not None and not self._refold_stop and self.live is live:
-                    state = self.user_state(user)
-                    await self._send_listener_updates(live, user, state.counts, vectors[user], state.counts)
             self.metrics.user_fold_ins.inc(len(entries))
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
@@ -710,15 +715,22 @@ class StreamWorker:
                 swapped = self.live is not live  # (a model swap may have happened meanwhile)
         if news:
             live.users_moved(np.stack(olds), np.stack(news))
-        await self.user_writer.write(entries)
-        self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
-        self.metrics.user_fold_ins.inc(len(vectors))
-        # tracks the model does not know learn from their listeners: a new vector updates the user's
-        # contribution to every such track they streamed (also those streamed before they had a vector)
+        # Tracks the model does not know learn from their listeners: a new vector updates the user's
+        # contribution to every such track they streamed (also those streamed before they had a vector).
+        # These records carry absolute counts (a re-send is idempotent) and are made durable BEFORE the
+        # rows: a kill between the two re-delivers the plays (their rows are not in the changelog yet),
+        # which sends them again; the other order would lose them (the restored rows make the
+        # re-delivered plays look counted, so nothing re-sends the track side).
+        deliveries: list[asyncio.Future] = []
         for user, entry in pending.items() if live is not None else ():
             vector = vectors.get(user)
             tracks = states[user].counts if vector is not None else entry.added
-            await self._send_listener_updates(live, user, states[user].counts, vector, tracks)
+            deliveries += await self._send_listener_updates(live, user, states[user].counts, vector, tracks)
+        if deliveries:
+            await asyncio.gather(*deliveries)
+        await self.user_writer.write(entries)
+        self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
+        self.metrics.user_fold_ins.inc(len(vectors))
         return vectors
 
     async def _send_listener_updates(
@@ -728,15 +740,18 @@ class StreamWorker:
         counts: Mapping[str, int],
         vector: np.ndarray | None,
         tracks: Iterable[str],
-    ) -> None:
+    ) -> list[asyncio.Future]:
         """Send `user`'s streams of each of `tracks` the model does not know, with the user's `vector` (of
-        model `live.version`; None: counts only), to the track's owner on `track-plays`."""
+        model `live.version`; None: counts only), to the track's owner on `track-plays`; returns the
+        delivery futures."""
         x = None if vector is None else np.asarray(vector, "<f4").tobytes()
+        sent = []
         for track in tracks:
             if track in live.item_index:
                 continue
             body = {"track": track, "user": user, "count": int(counts[track]), "x": x, "v": live.version}
-            await self.track_plays.send(key=track.encode(), value=pack_message(body))
+            sent.append(await self.track_plays.send(key=track.encode(), value=pack_message(body)))
+        return sent
 
     async def _solve(
         self, live: LiveModel, states: dict[str, UserState], pending: dict[str, _Pending], seq: int
