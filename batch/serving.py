@@ -291,23 +291,29 @@ class ServingModel:
                 vectors, k=k, search_k=self.search_k, exclude=[list(e) for e in excludes]
             )
             return [_finite(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
+        if len(vectors) == 1:
+            return [self.recommend_vector(vectors[0], k, excludes[0])]
         Y, N = np.asarray(self.model.item_factors), self.new_vectors
         step = max(1, SCORE_BLOCK_ELEMENTS // max(1, self.n_tracks))
         out: list[list[Scored]] = []
         for start in range(0, len(vectors), step):
             block = vectors[start : start + step]
-            if len(block) == 1:  # one listener (every HTTP request): a matrix-vector product
-                v = block[0]
-                scores = (Y @ v if not len(N) else np.concatenate([Y @ v, N @ v]))[None]
-            else:
-                scores = block @ Y.T if not len(N) else np.hstack([block @ Y.T, block @ N.T])
+            scores = block @ Y.T if not len(N) else np.hstack([block @ Y.T, block @ N.T])
             for row, banned in zip(scores, excludes[start : start + step]):
                 out.append(self._top(row, k, banned | self.taken_down))
         return out
 
     def recommend_vector(self, vector: np.ndarray, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
-        """Top-k tracks for one user vector (k,) by inner product, never returning `exclude`."""
-        return self.recommend_vectors(np.asarray(vector)[None], k, [exclude])[0]
+        """Top-k tracks for one user vector (k,) by inner product, never returning `exclude` (nor take-downs);
+        the single-query path of `recommend_vectors` (a matrix-vector product; every HTTP request)."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(self.k)
+        if self.uses_forest(self.dot_index):
+            ids, scores = self.dot_index.query(vector, k=k, search_k=self.search_k, exclude=list(exclude))
+            return _finite(ids, scores)
+        scores = np.asarray(self.model.item_factors) @ vector
+        if self.new_ids:
+            scores = np.concatenate([scores, self.new_vectors @ vector])
+        return self._top(scores, k, set(exclude) | self.taken_down)
 
     def recommend_users(
         self,
