@@ -72,20 +72,26 @@ class ServingError(ValueError):
     """The serving model cannot be set up as asked."""
 
 
-def stored_plays(model: Model) -> sp.csr_matrix | None:
-    """The users x tracks counts a stored version was trained on (memory-mapped CSR), or None."""
-    arrays = training_plays(model)
-    if arrays is None:
-        return None
-    indptr, indices, counts = arrays
-    return sp.csr_matrix((counts, indices, indptr), shape=(len(model.user_ids), len(model.item_ids)))
+#: (indptr (n_users + 1,), indices (nnz,), counts (nnz,)): the CSR arrays of users x tracks counts.
+PlaysArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def stored_plays(model: Model) -> PlaysArrays | None:
+    """The CSR arrays of the counts a stored version was trained on, memory-mapped (shared between
+    worker processes, never copied), or None when the store did not keep them."""
+    return training_plays(model)
+
+
+def csr_arrays(matrix: sp.csr_matrix) -> PlaysArrays:
+    """The CSR arrays of an in-memory counts matrix (no copy)."""
+    return matrix.indptr, matrix.indices, matrix.data
 
 
 class ServingModel:
     """Queries over one model version + an overlay (folded-in tracks, take-downs).
 
-    model: the version's ids and factors. plays: the (n_users, n_items) counts it was trained on (to
-    exclude streamed tracks, explain, rank popularity), or None. forests: (dot, cosine) forests over
+    model: the version's ids and factors. plays: the CSR arrays of the (n_users, n_items) counts it was
+    trained on (to exclude streamed tracks, explain, rank popularity), or None. forests: (dot, cosine) forests over
     its tracks, or None. Mutations (`add_tracks`, `take_down`, `restore`) are serialised by callers;
     reads of the folded-in tracks from other threads take `_lock`.
     """
@@ -93,7 +99,7 @@ class ServingModel:
     def __init__(
         self,
         model: Model,
-        plays: sp.csr_matrix | None = None,
+        plays: PlaysArrays | None = None,
         forests: tuple[HyperplaneForest | None, HyperplaneForest | None] | None = None,
         search: SearchMode = "auto",
         search_k: int | None = None,
@@ -174,9 +180,10 @@ class ServingModel:
         row = self.user_row(user)
         if self.plays is None:
             return {}
-        start, stop = self.plays.indptr[row], self.plays.indptr[row + 1]
-        tracks = self.item_ids[np.asarray(self.plays.indices[start:stop])].tolist()
-        return dict(zip(tracks, np.asarray(self.plays.data[start:stop], dtype=np.float64).tolist()))
+        indptr, indices, counts = self.plays
+        start, stop = int(indptr[row]), int(indptr[row + 1])
+        tracks = self.item_ids[np.asarray(indices[start:stop])].tolist()
+        return dict(zip(tracks, np.asarray(counts[start:stop], dtype=np.float64).tolist()))
 
     def _gather(self, tracks: Iterable[str]) -> tuple[list[str], np.ndarray]:
         """Known tracks among `tracks` (in order, deduplicated) and their vectors (n, k). The folded-in
@@ -408,7 +415,7 @@ class ServingModel:
     def _popular_tracks(self) -> list[tuple[str, int]]:
         if self.plays is None:
             return []
-        listeners = np.bincount(np.asarray(self.plays.indices), minlength=len(self.item_ids))
+        listeners = np.bincount(np.asarray(self.plays[1]), minlength=len(self.item_ids))
         order = np.argsort(-listeners, kind="stable")[:POPULAR_KEPT]
         return [(str(self.item_ids[i]), int(listeners[i])) for i in order if listeners[i] > 0]
 

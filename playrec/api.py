@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from batch import model_store
 from batch.als import AlsParams, AlsResult
 from batch.evaluation import Metrics
 from batch.forests import ForestParams, make_forests
 from batch.plays import PlayCounts
-from batch.serving import EXACT_SCAN_ITEMS, Scored, SearchMode, ServingModel, UnknownTrackError
+from batch.serving import EXACT_SCAN_ITEMS, Scored, SearchMode, ServingModel, UnknownTrackError, csr_arrays
 from batch.training import evaluate_params, numpy_trainer, publish_result
 
 __all__ = ["ALS", "ALSModel", "Evaluation", "ModelStore", "PlayCounts", "Scored"]
@@ -116,7 +117,7 @@ class ALSModel:
         forests = None
         if search == "forest" or (search == "auto" and len(model.item_ids) > EXACT_SCAN_ITEMS):
             forests = make_forests(model.item_ids, model.item_factors, ForestParams(seed=params.seed))
-        return cls(ServingModel(model, counts.matrix, forests, search=search), counts, result.losses)
+        return cls(ServingModel(model, csr_arrays(counts.matrix), forests, search=search), counts, result.losses)
 
     def __repr__(self) -> str:
         return (
@@ -232,6 +233,9 @@ class ModelStore:
         serving = ServingModel.load(self.store.load(version), search=search)
         counts = None
         if serving.plays is not None:
-            counts = PlayCounts(serving.plays, serving.model.user_ids, serving.model.item_ids)
+            indptr, indices, data = serving.plays
+            shape = (len(serving.model.user_ids), len(serving.model.item_ids))
+            matrix = sp.csr_matrix((data, indices, indptr), shape=shape)
+            counts = PlayCounts(matrix, serving.model.user_ids, serving.model.item_ids)
         losses = serving.model.manifest.get("training", {}).get("losses", [])
         return ALSModel(serving, counts, losses)
