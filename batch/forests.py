@@ -28,21 +28,31 @@ class ForestParams:
     seed: int = 0
 
 
+def make_forests(
+    item_ids: np.ndarray, item_factors: np.ndarray, params: ForestParams
+) -> tuple[HyperplaneForest, HyperplaneForest]:
+    """(inner-product forest, cosine forest) over the tracks, in memory."""
+    ids = np.asarray(item_ids).astype(str)
+    vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
+    built = []
+    for metric in ("dot", "cosine"):
+        forest = HyperplaneForest(
+            vectors.shape[1], metric=metric, n_trees=params.n_trees, leaf_size=params.leaf_size, seed=params.seed
+        )
+        built.append(forest.build(vectors, ids))
+        log.info("built %s forest: %d items, %d trees", metric, len(ids), params.n_trees)
+    return built[0], built[1]
+
+
 def build_forests(
     directory: Path, item_ids: np.ndarray, item_factors: np.ndarray, params: ForestParams
 ) -> dict[str, Any]:
     """Build and save both forests into `directory`; returns manifest fields describing them."""
-    ids = np.asarray(item_ids).astype(str)
-    vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
     out: dict[str, Any] = {"forest": {**asdict(params), "files": {}}}
-    for metric, prefix in (("dot", DOT_PREFIX), ("cosine", COSINE_PREFIX)):
-        forest = HyperplaneForest(
-            vectors.shape[1], metric=metric, n_trees=params.n_trees, leaf_size=params.leaf_size, seed=params.seed
-        )
-        forest.build(vectors, ids)
+    forests = make_forests(item_ids, item_factors, params)
+    for metric, prefix, forest in (("dot", DOT_PREFIX, forests[0]), ("cosine", COSINE_PREFIX, forests[1])):
         forest.save(directory, prefix=prefix)
         out["forest"]["files"][metric] = prefix
-        log.info("built %s forest: %d items, %d trees", metric, len(ids), params.n_trees)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -75,6 +75,50 @@ class PlayCounts:
     @property
     def nnz(self) -> int:
         return int(self.matrix.nnz)
+
+    @classmethod
+    def from_file(cls, path: str | Path, binarize: bool = False) -> PlayCounts:
+        """Read a `user, track, plays[, timestamp]` CSV/TSV file, exactly as `playrec train --plays`."""
+        return read_play_counts(path, binarize=binarize)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        users: Sequence[object] | np.ndarray,
+        tracks: Sequence[object] | np.ndarray,
+        plays: Sequence[float] | np.ndarray,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> PlayCounts:
+        """Counts from parallel arrays, one entry per (user, track, plays[, timestamp]) row, as if they
+        were the rows of a file: ids become strings in first-seen order, duplicate pairs are summed (the
+        latest timestamp wins), rows with 0 plays keep their ids without a preference. Raises
+        `PlaysFileError` for arrays of different lengths, no rows, or plays that are negative or not finite."""
+        user_ids, rows = _intern(users)
+        item_ids, cols = _intern(tracks)
+        values = np.asarray(plays, dtype=np.float64).ravel()
+        stamps = None if timestamps is None else np.asarray(timestamps, dtype=np.float64).ravel()
+        lengths = {len(rows), len(cols), len(values)} | (set() if stamps is None else {len(stamps)})
+        if len(lengths) != 1:
+            raise PlaysFileError(f"users, tracks, plays (and timestamps) must have the same length, got {lengths}")
+        if not len(values):
+            raise PlaysFileError("no play rows given")
+        if not np.all(np.isfinite(values)) or values.min() < 0:
+            raise PlaysFileError("plays must be finite numbers >= 0")
+        if stamps is not None and not np.all(np.isfinite(stamps)):
+            raise PlaysFileError("timestamps must be finite numbers")
+        summary = ReadSummary(rows=len(values), has_timestamps=stamps is not None)
+        return assemble_counts(rows, cols, values, stamps, user_ids, item_ids, summary)
+
+
+def _intern(ids: Sequence[object] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique ids as unicode in first-seen order, position of each entry among them)."""
+    text = np.asarray([str(i) for i in ids], dtype=str) if not isinstance(ids, np.ndarray) else ids.astype(str)
+    text = text.ravel()
+    unique, first, inverse = np.unique(text, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique ids by first appearance
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return unique[order], rank[inverse.ravel()]
 
 
 def _is_number(text: str) -> bool:

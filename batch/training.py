@@ -106,6 +106,53 @@ def train_and_publish(
     start = time.perf_counter()
     result = trainer(counts.matrix, params, show_progress)
     timings["train_s"] = time.perf_counter() - start
+    version = publish_result(
+        counts,
+        result,
+        store,
+        params,
+        metrics=(metrics, baseline) if metrics is not None else None,
+        holdout=holdout,
+        source=source,
+        extra=extra,
+        forest=forest,
+        history=history,
+        lineage=lineage,
+        timings=timings,
+    )
+    if announce is not None:
+        announce(version)
+    return TrainReport(
+        version=version,
+        params=params,
+        metrics=metrics,
+        baseline=baseline,
+        losses=result.losses,
+        seconds_per_iteration=float(np.median(result.seconds)) if result.seconds else 0.0,
+        timings=timings,
+    )
+
+
+def publish_result(
+    counts: PlayCounts,
+    result: AlsResult,
+    store: ModelStore,
+    params: AlsParams,
+    metrics: tuple[Metrics, Metrics] | None = None,
+    holdout: float = 0.0,
+    source: dict[str, Any] | None = None,
+    extra: Callable[[Path, AlsResult], dict[str, Any] | None] | None = None,
+    forest: ForestParams | None = DEFAULT_FOREST,
+    history: sp.csr_matrix | None = None,
+    lineage: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+) -> str:
+    """Publish trained factors as a new CURRENT version of `store`: the factors, the training counts
+    (plays_*.npy), `history` (history_*.npy), the forests (unless `forest` is None) and the manifest
+    (parameters, input, (model, popularity) `metrics` on `holdout`, lineage, losses, timings).
+    Returns the version name. Used by `train_and_publish` and by the Python API's `ModelStore.publish`."""
+    timings = timings if timings is not None else {}
+    model_metrics, baseline = metrics if metrics is not None else (None, None)
     matrix = counts.matrix
 
     def write_artifacts(directory: Path) -> dict[str, Any]:
@@ -136,7 +183,7 @@ def train_and_publish(
             "input": {**(source or {}), "plays": int(matrix.nnz), "summary": counts.summary.describe()},
             "metrics": {
                 "holdout": holdout,
-                "model": metrics.to_dict() if metrics else None,
+                "model": model_metrics.to_dict() if model_metrics else None,
                 "popularity": baseline.to_dict() if baseline else None,
             },
             **(lineage if lineage is not None else {"history": {"arrays": "plays"}, "lineage": []}),
@@ -150,14 +197,4 @@ def train_and_publish(
         extra=write_artifacts,
     )
     timings["publish_s"] = time.perf_counter() - start
-    if announce is not None:
-        announce(version)
-    return TrainReport(
-        version=version,
-        params=params,
-        metrics=metrics,
-        baseline=baseline,
-        losses=result.losses,
-        seconds_per_iteration=float(np.median(result.seconds)) if result.seconds else 0.0,
-        timings=timings,
-    )
+    return version

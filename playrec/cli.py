@@ -313,16 +313,24 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
     parser.add_argument("--version", help="model version (default: CURRENT)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--exact", action="store_true", help="score every track exactly instead of using the forest")
+    parser.add_argument(
+        "--search",
+        choices=("auto", "exact", "forest"),
+        default="auto",
+        help="auto (default): exact scoring up to 100,000 tracks, the model's forest above; or force either",
+    )
+    parser.add_argument("--exact", action="store_true", help="same as --search exact")
 
 
-def _recommender(args: argparse.Namespace):
-    from batch.model_store import ModelStore, ModelStoreError
-    from batch.recommend import Recommender
+def _load_model(args: argparse.Namespace):
+    """The store's model through the Python API (playrec.api), searching as --search says."""
+    from batch.model_store import ModelStoreError
+    from batch.serving import ServingError
+    from playrec.api import ModelStore
 
     try:
-        return Recommender(ModelStore(args.store).load(args.version), use_index=not args.exact)
-    except ModelStoreError as exc:
+        return ModelStore(args.store).load(args.version, search="exact" if args.exact else args.search)
+    except (ModelStoreError, ServingError) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -335,28 +343,28 @@ def _print_items(args: argparse.Namespace, head: dict, items: list) -> None:
 
 
 def run_recommend(args: argparse.Namespace) -> int:
-    from batch.recommend import UnknownIdError
+    from batch.serving import UnknownIdError
 
-    rec = _recommender(args)
+    model = _load_model(args)
     try:
-        items = rec.recommend(args.user, args.k, exclude_streamed=not args.include_streamed)
+        items = model.recommend(args.user, args.k, exclude_streamed=not args.include_streamed)
     except UnknownIdError as exc:
         print(f"playrec: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    _print_items(args, {"user": args.user, "source": "model", "version": rec.model.version}, items)
+    _print_items(args, {"user": args.user, "source": "model", "version": model.version}, items)
     return 0
 
 
 def run_similar(args: argparse.Namespace) -> int:
-    from batch.recommend import UnknownIdError
+    from batch.serving import UnknownIdError
 
-    rec = _recommender(args)
+    model = _load_model(args)
     try:
-        items = rec.similar(args.track, args.k)
+        items = model.similar(args.track, args.k)
     except UnknownIdError as exc:
         print(f"playrec: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    _print_items(args, {"track": args.track, "version": rec.model.version}, items)
+    _print_items(args, {"track": args.track, "version": model.version}, items)
     return 0
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from batch.als import AlsParams
 from batch.model_store import ModelStore
 from batch.plays import read_play_counts
-from batch.recommend import Recommender
 from batch.training import train_and_publish
 
 log = logging.getLogger(__name__)
@@ -115,14 +114,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"holdout 20%:  {report.metrics.describe()}")
     print(f"popularity:   {report.baseline.describe()}")
     print(f"published model {report.version} ({report.seconds_per_iteration:.3f} s per ALS iteration)")
-    rec = Recommender(store.load())
+    from playrec import api
+
+    model = api.ModelStore(args.store).load()
     fan = str(counts.user_ids[0])
-    row = rec.user_row(fan)
-    favourites = [str(counts.item_ids[i]) for i in rec.streamed(row)]
-    plays = dict(zip(favourites, rec.plays.data[rec.plays.indptr[row] : rec.plays.indptr[row + 1]]))
-    favourites.sort(key=lambda t: -plays[t])
+    plays = model.serving.user_plays(fan)
+    favourites = sorted(plays, key=lambda t: -plays[t])
     print(f"\nuser {fan} listens most to: " + ", ".join(label(t) for t in favourites[:5]))
-    print(f"batch model recommends for user {fan}: " + ", ".join(label(r.track) for r in rec.recommend(fan, 5)))
+    print(f"batch model recommends for user {fan}: " + ", ".join(label(r.track) for r in model.recommend(fan, 5)))
 
     with broker() as bootstrap:
         print(f"\n== Kafka broker at {bootstrap}")

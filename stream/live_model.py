@@ -6,43 +6,37 @@ A `LiveModel` wraps a published `Model` (memory-mapped, shared between worker pr
   against the model's item factors and the tracks folded in since;
 - exact fold-in of new tracks from their listeners' current vectors (`fold_in_tracks`), and their
   insertion into the search index so they become recommendable without a retrain;
-- top-K, similar tracks, popularity fallback and explanations over model + new tracks.
+- and, from `batch.serving.ServingModel` (the one serving model, which it extends), every query: top-K,
+  similar tracks, popularity fallback and explanations over model + new tracks, minus take-downs.
 
 It holds no Kafka state: the faust worker feeds it counts and vectors from its tables.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from batch.als import AlsParams
 from batch.confidence import confidence_minus_one
 from batch.exact import assemble_rows
 from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.history import history_arrays
 from batch.model_store import Model
-from batch.recommend import explain_score, top_k, training_plays
+from batch.serving import EXACT_SCAN_ITEMS, Scored, ServingModel, UnknownTrackError, stored_plays
 from index.search import ragged_ranges
+
+__all__ = ["EXACT_SCAN_ITEMS", "LiveModel", "Scored", "UnknownTrackError", "UserChange"]
 
 log = logging.getLogger(__name__)
 
-#: How many of the most-listened tracks are kept for the popularity fallback.
-POPULAR_KEPT = 1000
 #: Users whose training counts are kept decoded in memory (the stream's active users).
 TRAINING_CACHE_USERS = 100_000
-#: Catalogs up to this many tracks are scored exactly per request (~13 us per 1,000 tracks at k = 40 on one
-#: core) rather than through the forests (a single forest query costs ~1.5 ms of fixed overhead).
-EXACT_SCAN_ITEMS = 100_000
 #: Cached users whose systems are updated and solved together (256 x 13 KB at k = 40: fits the CPU cache).
 FOLD_CHUNK_USERS = 256
 #: Changes of the item Gram matrix (new or re-solved tracks) a cached inverse catches up with by rank-one
@@ -108,21 +102,9 @@ class UserChange(NamedTuple):
     added: Mapping[str, tuple[int, float]]
 
 
-class UnknownTrackError(KeyError):
-    """A track neither in the model nor folded in."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown track"
-
-
-@dataclass
-class Scored:
-    track: str
-    score: float
-
-
-class LiveModel:
-    """One model version + folded-in tracks; thread-compatible (callers serialise mutations)."""
+class LiveModel(ServingModel):
+    """One model version + what the stream folded in on top of it; thread-compatible (callers serialise
+    mutations). Every query (recommend, similar, popularity, explain) is the serving model's."""
 
     def __init__(
         self,
@@ -132,34 +114,21 @@ class LiveModel:
         system_cache_users: int = 20_000,
         exact_scan_items: int = EXACT_SCAN_ITEMS,
     ) -> None:
-        self.model = model
-        self.version = model.version
-        params = model.manifest.get("parameters") or {}
-        self.params = AlsParams(**params) if params else AlsParams(factors=model.factors)
-        self.k = model.factors
-        self.item_ids = np.asarray(model.item_ids)
-        self.item_index = model.item_index
-        self.user_index = model.user_index
-        self.search_k = search_k
-        #: catalogs up to this many tracks are scored exactly (one matrix-vector product) instead of via
-        #: the forests, which only pay off for single queries on larger catalogs
-        self.exact_scan_items = exact_scan_items
-        Y = np.asarray(model.item_factors, dtype=np.float64)
+        super().__init__(
+            model,
+            stored_plays(model),
+            load_forests(model.path) if use_index else None,
+            search_k=search_k,
+            exact_scan_items=exact_scan_items,
+        )
         X = np.asarray(model.user_factors, dtype=np.float64)
-        self.item_gram = Y.T @ Y
         self.user_gram = X.T @ X
-        self.dot_index, self.cosine_index = load_forests(model.path) if use_index else (None, None)
-        # Tracks folded in by the stream: ids, vectors (capacity-doubling buffer), index.
-        self.new_ids: list[str] = []
-        self.new_index: dict[str, int] = {}
-        self._new_vectors = np.zeros((64, self.k), dtype=np.float32)
         #: The solved systems of recently active users: P_u = (G + reg I + S_u)^-1 and b_u (k x k float64:
         #: ~13 KB at k = 40), one slot per user in arrays of `system_cache_users` slots (LRU beyond;
         #: allocated on first use). A batch's new plays are rank-one changes of S_u, so P_u is updated by
         #: Sherman-Morrison steps and x_u = P_u b_u, a few array operations per chunk of users instead of a
         #: LAPACK solve per user (which costs ~10 us of per-matrix overhead at k = 40).
         self.system_cache_users = system_cache_users
-        self._lock = threading.Lock()  # the fold-in thread caches; add_tracks (event loop) invalidates
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # user -> slot, least recently used first
         self._P = np.zeros((0, self.k, self.k))
         self._b = np.zeros((0, self.k))
@@ -179,12 +148,7 @@ class LiveModel:
         #: The lineage's history (batch.history): the counts the stream does not hold (a file's). A user's
         #: full counts are their history plus what streamed, exactly what a retrain trains on.
         self._history = history_arrays(model)
-        self._plays = training_plays(model)
-        self.popular = self._popular_tracks(model, self._plays)
         self._training_cache: dict[str, dict[str, float]] = {}
-        #: Tracks taken down by an operator: never recommended, listed as similar or popular.
-        self.taken_down: set[str] = set()
-        self._item_norms: np.ndarray | None = None  # |y| of the model's tracks (exact cosine), on first use
 
     def training_counts(self, user: str) -> dict[str, float]:
         """The user's streams in the lineage's history, i.e. not in the stream ({} for a stream-only
@@ -226,50 +190,6 @@ class LiveModel:
         for track, count in streamed.items():
             full[track] = full.get(track, 0.0) + float(count)
         return full
-
-    # -- ids and vectors ---------------------------------------------------------------------
-    def __contains__(self, track: str) -> bool:
-        return track in self.item_index or track in self.new_index
-
-    @property
-    def new_vectors(self) -> np.ndarray:
-        """(n_new, k) float32 vectors of folded-in tracks."""
-        return self._new_vectors[: len(self.new_ids)]
-
-    def item_vector(self, track: str) -> np.ndarray:
-        if track in self.item_index:
-            return np.asarray(self.model.item_factors[self.item_index[track]], dtype=np.float32)
-        if track in self.new_index:
-            return self.new_vectors[self.new_index[track]]
-        raise UnknownTrackError(f"unknown track {track!r}: not in model {self.version} and not folded in yet")
-
-    def model_user_vector(self, user: str) -> np.ndarray | None:
-        row = self.user_index.get(user)
-        return None if row is None else np.asarray(self.model.user_factors[row], dtype=np.float32)
-
-    def _gather(self, tracks: Iterable[str]) -> tuple[list[str], np.ndarray]:
-        """Known tracks among `tracks` and their vectors (n, k). Called from the fold-in thread while the
-        event loop may insert tracks (`add_tracks`): the folded-in ones are read under the lock, so a
-        track is never seen indexed before its vector is stored."""
-        candidates = list(dict.fromkeys(tracks))
-        item_index = self.item_index
-        with self._lock:
-            new_index = self.new_index
-            fresh = {
-                t: self._new_vectors[new_index[t]].copy() for t in candidates if t in new_index and t not in item_index
-            }
-        known = [t for t in candidates if t in item_index or t in fresh]
-        if not known:
-            return [], np.zeros((0, self.k), dtype=np.float32)
-        vectors = np.empty((len(known), self.k), dtype=np.float32)
-        model_rows = [(j, item_index[t]) for j, t in enumerate(known) if t in item_index]
-        if model_rows:
-            pos, rows = zip(*model_rows)
-            vectors[list(pos)] = np.asarray(self.model.item_factors)[np.asarray(rows)]
-        for j, t in enumerate(known):
-            if t in fresh:
-                vectors[j] = fresh[t]
-        return known, vectors
 
     # -- fold-in -----------------------------------------------------------------------------
     def fold_in_users(
@@ -615,7 +535,6 @@ class LiveModel:
 
     def add_tracks(self, vectors: Mapping[str, np.ndarray]) -> None:
         """Insert (or update) folded-in tracks: searchable at once, part of later user fold-ins."""
-        fresh: list[str] = []
         with self._lock:
             self._generation += 1
             for track in vectors:  # cached systems that count these tracks were built without (or with old) vectors
@@ -624,132 +543,9 @@ class LiveModel:
                     if slot is not None:
                         self._free.append(slot)
             # copy-on-write: a fold-in running in a thread keeps a consistent gram
-            gram = self.item_gram.copy()
-            changed: list[tuple[float, np.ndarray]] = []
-            for track, vector in vectors.items():
-                if track in self.item_index:
-                    continue  # the model knows it; the batch solution wins
-                v = np.asarray(vector, dtype=np.float32).reshape(self.k)
-                v64 = v.astype(np.float64)
-                if track in self.new_index:
-                    old = self.new_vectors[self.new_index[track]].astype(np.float64)
-                    gram -= np.outer(old, old)
-                    changed.append((-1.0, old))
-                    self._new_vectors[self.new_index[track]] = v
-                else:
-                    if len(self.new_ids) == len(self._new_vectors):
-                        self._new_vectors = np.concatenate([self._new_vectors, np.zeros_like(self._new_vectors)])
-                    self.new_index[track] = len(self.new_ids)
-                    self.new_ids.append(track)
-                    self._new_vectors[self.new_index[track]] = v
-                    fresh.append(track)
-                gram += np.outer(v64, v64)
-                changed.append((1.0, v64))
-            self.item_gram = gram
-            self._gram_reg = gram + self.params.reg * np.eye(self.k)
+            changed, fresh = self._store_tracks(vectors)
+            self._gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
             # cached inverses catch up with the last GRAM_LOG_MAX changes; older ones are rebuilt
             self._gram_log = (self._gram_log + changed)[-GRAM_LOG_MAX:]
             self._gram_total += len(changed)
-        updated = [t for t in vectors if t in self.new_index and t not in self.taken_down]
-        for index in (self.dot_index, self.cosine_index):
-            if index is None or not updated:
-                continue
-            index.remove([t for t in updated if t not in fresh and t in index], missing_ok=True)
-            index.add(np.stack([self.new_vectors[self.new_index[t]] for t in updated]), np.array(updated))
-
-    def take_down(self, tracks: Iterable[str]) -> None:
-        """Mask tracks (known or not yet known) from every answer until `restore`d."""
-        new = [t for t in dict.fromkeys(tracks) if t not in self.taken_down]
-        self.taken_down.update(new)
-        for index in (self.dot_index, self.cosine_index):
-            if index is not None:
-                present = [t for t in new if t in index]
-                if present:
-                    index.remove(present)
-
-    def restore(self, tracks: Iterable[str]) -> None:
-        """Undo `take_down`: the tracks are answered again."""
-        back = [t for t in dict.fromkeys(tracks) if t in self.taken_down]
-        self.taken_down.difference_update(back)
-        present = [t for t in back if t in self]
-        for index in (self.dot_index, self.cosine_index):
-            if index is not None and present:
-                missing = [t for t in present if t not in index]
-                if missing:
-                    index.add(np.stack([self.item_vector(t) for t in missing]), np.array(missing))
-
-    # -- queries -----------------------------------------------------------------------------
-    def recommend(self, vector: np.ndarray, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
-        """Top-k tracks for a user vector (k,) by inner product, never returning `exclude`."""
-        exclude = set(exclude)
-        vector = np.asarray(vector, dtype=np.float32)
-        if self._use_index(self.dot_index):
-            ids, scores = self.dot_index.query(vector, k=k, search_k=self.search_k, exclude=list(exclude))
-            return [Scored(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
-        scores = np.concatenate([np.asarray(self.model.item_factors) @ vector, self.new_vectors @ vector])
-        return self._top(scores, k, exclude | self.taken_down)
-
-    def _use_index(self, index: object | None) -> bool:
-        return index is not None and len(self.item_ids) + len(self.new_ids) > self.exact_scan_items
-
-    def similar(self, track: str, k: int = 10) -> list[Scored]:
-        """Tracks closest to `track` by cosine of item vectors (the track itself excluded)."""
-        if track in self.taken_down:
-            raise UnknownTrackError(f"track {track!r} is taken down")
-        vector = self.item_vector(track)
-        if self._use_index(self.cosine_index):
-            ids, scores = self.cosine_index.query(vector, k=k, search_k=self.search_k, exclude=[track])
-            return [Scored(str(t), float(s)) for t, s in zip(ids, scores) if t != "" and np.isfinite(s)]
-        norm = float(np.linalg.norm(vector))
-        if self._item_norms is None:
-            self._item_norms = np.linalg.norm(np.asarray(self.model.item_factors), axis=1)
-        norms = np.concatenate([self._item_norms, np.linalg.norm(self.new_vectors, axis=1)]) * norm
-        dots = np.concatenate([np.asarray(self.model.item_factors) @ vector, self.new_vectors @ vector])
-        scores = np.divide(dots, norms, out=np.zeros(len(dots), np.float32), where=norms > 0)
-        return self._top(scores, k, {track} | self.taken_down)
-
-    def _top(self, scores: np.ndarray, k: int, exclude: set[str]) -> list[Scored]:
-        all_ids = self.item_ids if not self.new_ids else np.concatenate([self.item_ids, np.array(self.new_ids)])
-        banned = [
-            self.item_index[t] if t in self.item_index else len(self.item_ids) + self.new_index[t]
-            for t in exclude
-            if t in self
-        ]
-        idx, best = top_k(scores, k, np.asarray(banned, dtype=np.int64))
-        return [Scored(str(all_ids[i]), float(s)) for i, s in zip(idx, best)]
-
-    def popular_for(self, k: int = 10, exclude: Iterable[str] = ()) -> list[Scored]:
-        """The popularity fallback: most-listened tracks of the training data (score = listeners)."""
-        exclude = set(exclude) | self.taken_down
-        return list(itertools.islice((Scored(t, float(n)) for t, n in self.popular if t not in exclude), k))
-
-    def explain(self, counts: Mapping[str, float], track: str, top: int = 10) -> dict:
-        """Contributions of the user's streamed tracks to `track`'s score (Hu et al. section 5)."""
-        tracks, vectors = self._gather(t for t, c in counts.items() if c > 0)
-        if track in self.taken_down:
-            raise UnknownTrackError(f"track {track!r} is taken down")
-        if track not in self:
-            raise UnknownTrackError(f"unknown track {track!r}")
-        target = len(tracks)
-        all_vectors = np.vstack([vectors, self.item_vector(track)[None]])
-        ids = np.array([*tracks, track])
-        # explain_score solves with Y^T Y over `all_vectors`; pass the real item gram via the
-        # weights form: contributions use W_u = (G + Y_u^T (C_u - I) Y_u + reg I)^-1.
-        return explain_score(
-            all_vectors,
-            np.arange(len(tracks)),
-            np.array([counts[t] for t in tracks], np.float64),
-            target,
-            self.params,
-            ids,
-            top,
-            gram=self.item_gram,
-        )
-
-    @staticmethod
-    def _popular_tracks(model: Model, arrays: tuple | None) -> list[tuple[str, int]]:
-        if arrays is None:
-            return []
-        listeners = np.bincount(arrays[1], minlength=len(model.item_ids))
-        order = np.argsort(-listeners, kind="stable")[:POPULAR_KEPT]
-        return [(str(model.item_ids[i]), int(listeners[i])) for i in order if listeners[i] > 0]
+        self._index_tracks(vectors, fresh)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
-from stream.live_model import UnknownTrackError
+from batch.serving import UnknownIdError, UnknownTrackError
 
 if TYPE_CHECKING:
     from stream.worker import StreamWorker
@@ -88,7 +88,7 @@ def register_views(worker: StreamWorker) -> None:
                 return await handler(request, *args)
             except BadRequestError as exc:
                 return self.fail(400, str(exc))
-            except (UnknownTrackError, NotFoundError) as exc:  # explicit misses only: a stray KeyError is a bug
+            except (UnknownIdError, NotFoundError) as exc:  # explicit misses only: a stray KeyError is a bug
                 return self.fail(404, str(exc.args[0] if exc.args else exc))
             except NotReadyError as exc:
                 return self.fail(503, str(exc))
@@ -154,7 +154,7 @@ def register_views(worker: StreamWorker) -> None:
             counts = streamed_counts(user)
             vector, source = worker.serving_vector(live, user, counts)
             exclude = set(live.full_counts(user, counts)) if exclude_streamed else set()
-            recs = live.popular_for(k, exclude) if vector is None else live.recommend(vector, k, exclude)
+            recs = live.popular_for(k, exclude) if vector is None else live.recommend_vector(vector, k, exclude)
             return self.json({"user": user, "source": source, "version": live.version, "items": items(recs)})
 
     @app.page("/users/{user}/plays")
@@ -181,7 +181,7 @@ def register_views(worker: StreamWorker) -> None:
             full = live.full_counts(user, streamed_counts(user))
             if not any(t in live for t in full):
                 raise NotFoundError(f"user {user!r} has no streams of known tracks to explain from")
-            body = live.explain(full, track)
+            body = live.explain_counts(full, track)
             return self.json({"user": user, "version": live.version, **body})
 
     @app.page("/tracks/{track}/similar")
@@ -210,9 +210,9 @@ def register_views(worker: StreamWorker) -> None:
                 raise BadRequestError(f"request body exceeds {MAX_BODY_BYTES} bytes")
             plays = parse_anonymous(raw)
             live = live_model()
-            solved = live.fold_in_users({"": plays})
-            if "" in solved:
-                recs, source = live.recommend(solved[""], k, set(plays)), "fold-in"
+            vector = live.fold_in(plays)
+            if vector is not None:
+                recs, source = live.recommend_vector(vector, k, set(plays)), "fold-in"
             else:
                 recs, source = live.popular_for(k, set(plays)), "popularity"
             unknown = sorted(t for t in plays if t not in live)[:50]

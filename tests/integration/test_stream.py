@@ -141,7 +141,7 @@ def test_counts_dead_letters_and_fold_in(env):
     assert body["source"] == "fold-in"
     live = LiveModel(env["store"].load(), use_index=False)
     vector = live.fold_in_users({user: shared.expected[user]})[user]
-    want = live.recommend(vector, 5, exclude=shared.expected[user])
+    want = live.recommend_vector(vector, 5, exclude=shared.expected[user])
     assert [i["track"] for i in body["items"]] == [s.track for s in want]
     np.testing.assert_allclose([i["score"] for i in body["items"]], [s.score for s in want], rtol=1e-3, atol=1e-5)
     assert not set(shared.expected[user]) & {i["track"] for i in body["items"]}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batch.model_store import ModelStore
-from batch.recommend import Recommender
+from batch.serving import ServingModel
 from playrec.cli import main
 
 from .synthetic import random_plays
@@ -69,16 +69,20 @@ def test_train_publishes_the_contract_files(tmp_path, plays_file, capsys, reques
     assert answer["user"] == user and len(answer["items"]) == 5
     scores = [item["score"] for item in answer["items"]]
     assert scores == sorted(scores, reverse=True)
-    streamed = {str(model.item_ids[i]) for i in Recommender(model).streamed(model.user_index[user])}
+    streamed = set(ServingModel.load(model).user_plays(user))
     assert streamed
     assert not streamed & {item["track"] for item in answer["items"]}
 
     assert any(directory.glob("forest-dot.*")) and any(directory.glob("forest-cosine.*"))
     assert "forest-dot.json" in model.manifest["files"]
+    assert main(["recommend", user, "--store", str(store), "-k", "5", "--json", "--search", "forest"]) == 0
+    forest = json.loads(capsys.readouterr().out)["items"]  # small data: the forest finds the exact top 5
+    assert [i["track"] for i in forest] == [i["track"] for i in answer["items"]]
+    assert [i["score"] for i in forest] == pytest.approx([i["score"] for i in answer["items"]], rel=1e-5)
     assert main(["recommend", user, "--store", str(store), "-k", "5", "--json", "--exact"]) == 0
-    exact = json.loads(capsys.readouterr().out)["items"]  # small data: the forest finds the exact top 5
+    exact = json.loads(capsys.readouterr().out)["items"]  # 60 tracks: "auto" scores exactly
     assert [i["track"] for i in exact] == [i["track"] for i in answer["items"]]
-    assert [i["score"] for i in exact] == pytest.approx([i["score"] for i in answer["items"]], rel=1e-5)
+    assert [i["score"] for i in exact] == [i["score"] for i in answer["items"]]
 
     assert main(["similar", "track-0", "--store", str(store), "-k", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3

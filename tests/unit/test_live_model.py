@@ -59,9 +59,9 @@ def test_new_track_fold_in_and_recommendation(published):
     # a new track is recommendable at once: a loud one tops a query along its direction
     loud = solved["fresh"] / np.linalg.norm(solved["fresh"]) * 100
     live.add_tracks({"loud": loud})
-    assert live.recommend(loud, k=3)[0].track == "loud"
-    assert "fresh" in [s.track for s in live.recommend(solved["fresh"], k=200)]
-    assert "fresh" not in [s.track for s in live.recommend(solved["fresh"], k=3, exclude={"fresh"})]
+    assert live.recommend_vector(loud, k=3)[0].track == "loud"
+    assert "fresh" in [s.track for s in live.recommend_vector(solved["fresh"], k=200)]
+    assert "fresh" not in [s.track for s in live.recommend_vector(solved["fresh"], k=3, exclude={"fresh"})]
     assert live.similar("fresh", 2)[0].track != "fresh"
     # user fold-in now includes plays of the new track
     vec = live.fold_in_users({"newbie": {"fresh": 4.0}})
@@ -84,8 +84,8 @@ def test_popularity_and_explanation(published):
     assert popular[0].track not in [p.track for p in live.popular_for(5, exclude={popular[0].track})]
     counts = user_counts(plays, 4)
     vector = live.fold_in_users({"u4": counts})["u4"]
-    target = live.recommend(vector, 1, exclude=counts)[0]
-    explanation = live.explain(counts, target.track)
+    target = live.recommend_vector(vector, 1, exclude=counts)[0]
+    explanation = live.explain_counts(counts, target.track)
     assert explanation["score"] == pytest.approx(target.score, rel=1e-3)
     assert (
         sum(c["contribution"] for c in explanation["contributions"]) <= explanation["score"] + 1e-6 or len(counts) > 10
@@ -135,13 +135,13 @@ def test_taken_down_tracks_are_never_answered_until_restored(published, use_inde
     live = LiveModel(store.load(), use_index=use_index, exact_scan_items=0)  # the forests when loaded
     rng = np.random.default_rng(0)
     users = rng.standard_normal((20, live.k)).astype(np.float32)
-    before = [[s.track for s in live.recommend(u, 10)] for u in users]
+    before = [[s.track for s in live.recommend_vector(u, 10)] for u in users]
     top = sorted({t for recs in before for t in recs})[:5]
     similar_to = [s.track for s in live.similar(before[1][0], 10)]
     live.take_down([*top, "not-yet-known", similar_to[0]])
     for u in users:
-        assert not {s.track for s in live.recommend(u, 10)} & live.taken_down
-        assert len(live.recommend(u, 10)) == 10
+        assert not {s.track for s in live.recommend_vector(u, 10)} & live.taken_down
+        assert len(live.recommend_vector(u, 10)) == 10
     assert not {s.track for s in live.popular_for(50)} & live.taken_down
     if before[1][0] not in live.taken_down:
         assert similar_to[0] not in [s.track for s in live.similar(before[1][0], 10)]
@@ -149,13 +149,13 @@ def test_taken_down_tracks_are_never_answered_until_restored(published, use_inde
         live.similar(top[0], 5)
     live.restore([*top, "not-yet-known", similar_to[0]])
     assert not live.taken_down
-    assert [[s.track for s in live.recommend(u, 10)] for u in users] == before
+    assert [[s.track for s in live.recommend_vector(u, 10)] for u in users] == before
     # a new track taken down before it is folded in stays hidden when it arrives
     live.take_down(["brand-new"])
     live.add_tracks({"brand-new": users[0] * 10})
-    assert "brand-new" not in [s.track for s in live.recommend(users[0], 10)]
+    assert "brand-new" not in [s.track for s in live.recommend_vector(users[0], 10)]
     live.restore(["brand-new"])
-    assert live.recommend(users[0], 1)[0].track == "brand-new"
+    assert live.recommend_vector(users[0], 1)[0].track == "brand-new"
 
 
 def test_system_cache_is_lru_bounded_and_stays_exact(published):
