@@ -118,6 +118,7 @@ def train_and_publish(
         forest=forest,
         history=history,
         lineage=lineage,
+        engine=getattr(trainer, "engine", "numpy"),
         timings=timings,
     )
     if announce is not None:
@@ -145,6 +146,7 @@ def publish_result(
     forest: ForestParams | None = DEFAULT_FOREST,
     history: sp.csr_matrix | None = None,
     lineage: dict[str, Any] | None = None,
+    engine: str = "numpy",
     timings: dict[str, float] | None = None,
 ) -> str:
     """Publish trained factors as a new CURRENT version of `store`: the factors, the training counts
@@ -188,7 +190,7 @@ def publish_result(
             },
             **(lineage if lineage is not None else {"history": {"arrays": "plays"}, "lineage": []}),
             "training": {
-                "engine": getattr(trainer, "engine", "numpy"),
+                "engine": engine,
                 "losses": result.losses,
                 "seconds_per_iteration": float(np.median(result.seconds)) if result.seconds else 0.0,
                 "timings": timings,

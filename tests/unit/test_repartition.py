@@ -28,8 +28,10 @@ def wired(worker):  # noqa: F811
     async def dead(**kwargs: Any) -> None:
         worker.dead.append(kwargs)
 
-    async def track_side(**kwargs: Any) -> None:  # plays of tracks the model does not know
-        pass
+    async def track_side(**kwargs: Any) -> asyncio.Future:  # plays of tracks the model does not know
+        delivered = asyncio.get_running_loop().create_future()  # faust: a future resolved on delivery
+        delivered.set_result(None)
+        return delivered
 
     worker.plays_forward.send = forward
     worker.dead_letter.send = dead

@@ -207,7 +207,9 @@ def test_user_gram_equals_a_from_scratch_gram_after_a_swap_a_refold_and_10000_fo
             worker.users.data[key] = value
 
     async def track_side(**kwargs):
-        pass
+        delivered = asyncio.get_running_loop().create_future()  # faust: a future resolved on delivery
+        delivered.set_result(None)
+        return delivered
 
     worker.user_writer.write = write
     worker.track_plays.send = track_side
