@@ -385,14 +385,13 @@ class StreamWorker:
                 live.users_moved(np.stack(olds), np.stack(news))
             # the new tracks they streamed are solved again from the new vectors: durable before the rows,
             # as in `_fold_in` (a kill in between re-folds them after the restart, which sends them again)
-            deliveries: list[asyncio.Future] = []
+            updates = []
             for key, _, _ in entries:
                 user = key.decode()
                 if vectors.get(user) is not None:
                     counts = self.user_state(user).counts
-                    deliveries += await self._send_listener_updates(live, user, counts, vectors[user], counts)
-            if deliveries:
-                await asyncio.gather(*deliveries)
+                    updates.append((user, counts, vectors[user], counts))
+            await self._deliver_listener_updates(live, updates)
             await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
             written += len(entries)
             self.metrics.user_fold_ins.inc(len(entries))
@@ -721,37 +720,36 @@ class StreamWorker:
         # rows: a kill between the two re-delivers the plays (their rows are not in the changelog yet),
         # which sends them again; the other order would lose them (the restored rows make the
         # re-delivered plays look counted, so nothing re-sends the track side).
-        deliveries: list[asyncio.Future] = []
+        updates = []
         for user, entry in pending.items() if live is not None else ():
             vector = vectors.get(user)
-            tracks = states[user].counts if vector is not None else entry.added
-            deliveries += await self._send_listener_updates(live, user, states[user].counts, vector, tracks)
-        if deliveries:
-            await asyncio.gather(*deliveries)
+            updates.append(
+                (user, states[user].counts, vector, states[user].counts if vector is not None else entry.added)
+            )
+        await self._deliver_listener_updates(live, updates)
         await self.user_writer.write(entries)
         self.metrics.fold_in_seconds.observe(time.perf_counter() - started)
         self.metrics.user_fold_ins.inc(len(vectors))
         return vectors
 
-    async def _send_listener_updates(
+    async def _deliver_listener_updates(
         self,
         live: LiveModel,
-        user: str,
-        counts: Mapping[str, int],
-        vector: np.ndarray | None,
-        tracks: Iterable[str],
-    ) -> list[asyncio.Future]:
-        """Send `user`'s streams of each of `tracks` the model does not know, with the user's `vector` (of
-        model `live.version`; None: counts only), to the track's owner on `track-plays`; returns the
-        delivery futures."""
-        x = None if vector is None else np.asarray(vector, "<f4").tobytes()
+        updates: Iterable[tuple[str, Mapping[str, int], np.ndarray | None, Iterable[str]]],
+    ) -> None:
+        """For each (user, counts, vector, tracks): send the user's streams of each of `tracks` the model does
+        not know, with the user's `vector` (of model `live.version`; None: counts only), to the track's owner
+        on `track-plays`; returns once every record is delivered."""
         sent = []
-        for track in tracks:
-            if track in live.item_index:
-                continue
-            body = {"track": track, "user": user, "count": int(counts[track]), "x": x, "v": live.version}
-            sent.append(await self.track_plays.send(key=track.encode(), value=pack_message(body)))
-        return sent
+        for user, counts, vector, tracks in updates:
+            x = None if vector is None else np.asarray(vector, "<f4").tobytes()
+            for track in tracks:
+                if track in live.item_index:
+                    continue
+                body = {"track": track, "user": user, "count": int(counts[track]), "x": x, "v": live.version}
+                sent.append(await self.track_plays.send(key=track.encode(), value=pack_message(body)))
+        if sent:
+            await asyncio.gather(*sent)
 
     async def _solve(
         self, live: LiveModel, states: dict[str, UserState], pending: dict[str, _Pending], seq: int

@@ -31,7 +31,6 @@ from playrec.devbroker import DevBroker
 from stream.events import encode_play
 
 from ..faults.harness import (
-    PARTITIONS,
     ConfluentReplay,
     Replay,
     counts_over_http,
@@ -39,6 +38,7 @@ from ..faults.harness import (
     unique_names,
     wait_for_durable_counts,
 )
+from ..faults.test_exactly_once import both_ready
 from ..integration.workers import WorkerProcess, free_port, wait_for
 
 MODEL_FLAGS = ["--factors", "16", "--iterations", "6", "--no-index", "--no-progress"]
@@ -201,11 +201,7 @@ class Week:
         )
 
     def _split(self) -> bool:
-        ready = [w.ready() for w in self.workers.values()]
-        if not all(ready):
-            return False
-        owned = sorted(p for r in ready for p in r["partitions"])
-        return all(r["partitions"] for r in ready) and owned == list(range(PARTITIONS))
+        return both_ready(self.workers["a"], self.workers["b"])
 
     # ---------------------------------------------------------------------------------------- days
 
