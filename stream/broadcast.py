@@ -78,3 +78,33 @@ async def _reached(consumer: AIOKafkaConsumer, end: dict) -> bool:
         if await consumer.position(tp) < offset:
             return False
     return True
+
+
+async def read_to_end(bootstrap: str, topic: str, client_kwargs: dict | None = None, timeout_s: float = 10.0) -> list:
+    """Every record of `topic` now (all partitions, from the beginning to the end offsets): a small
+    compacted topic read once, e.g. inside a recovery, where no reader task may be running yet."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **(client_kwargs or {})
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list = []
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await _reached(consumer, end):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f} s")
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()

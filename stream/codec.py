@@ -11,6 +11,8 @@ MODEL_UPDATES_TOPIC = "model-updates"
 TRACK_PLAYS_TOPIC = "track-plays"
 TRACK_VECTORS_TOPIC = "track-vectors"
 TRACK_TAKEDOWNS_TOPIC = "track-takedowns"
+#: restores of user-state changelog partitions from their source topics (stream/source_replay.py)
+REPAIRS_TOPIC = "user-state-repairs"
 
 _LIMITS = {"raw": False, "strict_map_key": False, "max_bin_len": 1 << 20, "max_str_len": 1 << 20}
 

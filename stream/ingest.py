@@ -66,7 +66,7 @@ from faust.types import TP, AppT, Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-__all__ = ["BatchHandler", "BatchIngest", "BatchingConsumerMixin", "source_partition"]
+__all__ = ["BatchHandler", "BatchIngest", "BatchingConsumerMixin", "SeekHook", "add_seek_hook", "source_partition"]
 
 log = logging.getLogger("playrec.stream.ingest")
 
@@ -77,6 +77,12 @@ log = logging.getLogger("playrec.stream.ingest")
 BatchHandler = Callable[[list[Any]], Awaitable[Awaitable[Any] | None]]
 
 _SINKS_ATTR = "_playrec_batch_ingest"
+_SEEK_HOOKS_ATTR = "_playrec_seek_hooks"
+
+#: ``async def hook(assignment) -> {tp: offset}``: run after every seek of the assigned partitions to
+#: their committed offsets (the end of each recovery); the partitions it returns are read again from
+#: ``offset`` (their commits never move back: acks below the committed offset are ignored).
+SeekHook = Callable[[set[TP]], Awaitable[dict[TP, int]]]
 
 #: seconds between checks of a busy handler's ``ready()`` while a due batch waits for it
 READY_POLL_S = 0.005
@@ -92,6 +98,15 @@ def _sinks(app: AppT) -> dict[str, BatchIngest]:
         sinks = {}
         setattr(app, _SINKS_ATTR, sinks)
     return cast(dict[str, "BatchIngest"], sinks)
+
+
+def add_seek_hook(app: AppT, hook: SeekHook) -> None:
+    """Run ``hook`` after every seek to the committed offsets (see :data:`SeekHook`)."""
+    hooks = getattr(app, _SEEK_HOOKS_ATTR, None)
+    if hooks is None:
+        hooks = []
+        setattr(app, _SEEK_HOOKS_ATTR, hooks)
+    hooks.append(hook)
 
 
 @contextlib.contextmanager
@@ -195,6 +210,20 @@ class BatchingConsumerMixin:
     _ingest_pending: asyncio.Task[bool] | None = None  # the last batch's completion (acks when done)
     _ingest_suspended: bool = False
     _ingest_commit: asyncio.Future | None = None  # the commit started after `commit_every` acks, if running
+
+    async def perform_seek(self) -> None:
+        """faust's seek of every assigned partition to its committed offset, then the seek hooks' rewinds."""
+        me = cast(Any, self)
+        await super().perform_seek()  # type: ignore[misc]
+        hooks = getattr(me.app, _SEEK_HOOKS_ATTR, ())
+        if not hooks:
+            return
+        assignment = set(me.assignment())
+        for hook in hooks:
+            for tp, offset in (await hook(assignment)).items():
+                if tp in assignment:
+                    log.info("reading %s[%d] again from offset %d", tp.topic, tp.partition, offset)
+                    await me.seek(tp, offset)
 
     # ---------------------------------------------------------------- drain loop
     async def _drain_messages(self, fetcher: Any) -> None:

@@ -73,6 +73,28 @@ class WorkerMetrics:
             registry=r,
         )
 
+    def watch_source_replay(self, replay: Any) -> None:
+        """Report a `stream.source_replay.SourceReplay`'s partitions being restored and restored."""
+        r = self.registry
+        restoring = Gauge(
+            "playrec_partitions_restoring_from_source",
+            "User-state partitions whose lost changelog records are being read again from plays",
+            registry=r,
+        )
+        restoring.set_function(lambda: len(replay.active))
+        restored = Gauge(
+            "playrec_partitions_restored_from_source",
+            "User-state partitions restored from plays since start-up (their changelog had lost records)",
+            registry=r,
+        )
+        restored.set_function(lambda: replay.completed)
+        gone = Gauge(
+            "playrec_source_plays_unrecoverable",
+            "Plays deleted from the source topics before a restore could read them again (counts lost)",
+            registry=r,
+        )
+        gone.set_function(lambda: replay.unrecoverable)
+
     def watch_table(self, table: Any) -> None:
         """Report a `stream.table_store.StateTable`'s restored records and dropped partitions."""
         self.restored.labels(table.name).set_function(lambda: table.restored)

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.codec import MODEL_UPDATES_TOPIC, TRACK_PLAYS_TOPIC, TRACK_TAKEDOWNS_TOPIC, TRACK_VECTORS_TOPIC
+from stream.codec import (
+    MODEL_UPDATES_TOPIC,
+    REPAIRS_TOPIC,
+    TRACK_PLAYS_TOPIC,
+    TRACK_TAKEDOWNS_TOPIC,
+    TRACK_VECTORS_TOPIC,
+)
 from stream.events import DEAD_LETTER_TOPIC, PLAYS_TOPIC, REPARTITION_TOPIC
 
 
@@ -154,6 +160,10 @@ class Topics:
     @property
     def track_takedowns(self) -> str:
         return self.prefix + TRACK_TAKEDOWNS_TOPIC
+
+    @property
+    def repairs(self) -> str:
+        return self.prefix + REPAIRS_TOPIC
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.track_vectors: (P, {"cleanup.policy": "compact"}),
         names.track_takedowns: (1, {"cleanup.policy": "compact"}),
         names.model_updates: (1, {}),
+        names.repairs: (1, {"cleanup.policy": "compact"}),
         changelog_topic(settings.app_id): (P, {"cleanup.policy": "compact"}),
         changelog_topic(settings.app_id, LISTENERS_TABLE): (P, {"cleanup.policy": "compact"}),
     }

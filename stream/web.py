@@ -235,6 +235,7 @@ def register_views(worker: StreamWorker) -> None:
                 "reason": reason,
                 "version": live.version if live else None,
                 "partitions": worker.assigned_partitions(),
+                "restoring": worker.source_replay.restoring(),
             }
             return self.json(body, status=200 if ready else 503)
 

@@ -45,25 +45,27 @@ from batch.user_state import (
     USER_STATE_TABLE,
     UserState,
     UserStateError,
+    changelog_topic,
     event_digest,
     has_digest,
     pack_user,
     unpack_user,
 )
-from stream.broadcast import BroadcastReader
+from stream.broadcast import BroadcastReader, read_to_end
 from stream.changelog import BulkTableWriter
 from stream.codec import (
     pack_message,
     parse_model_update,
 )
 from stream.events import decode_play
-from stream.ingest import BatchIngest
+from stream.ingest import BatchIngest, add_seek_hook
 from stream.internal_records import decode_takedown, decode_track_play, decode_track_vector
 from stream.live_model import LiveModel
 from stream.metrics import WorkerMetrics, dead_letter_kind
 from stream.partitioning import KeyPartitioner
 from stream.repartition import read_source, source_header
 from stream.settings import WorkerSettings
+from stream.source_replay import SourceReplay
 from stream.table_store import StateTable
 from stream.topics import LISTENERS_TABLE
 from stream.track_state import (
@@ -211,6 +213,21 @@ class StreamWorker:
         self.model_reader = broadcast(topics.model_updates, self.on_model_updates, from_beginning=False)
         self.track_reader = broadcast(topics.track_vectors, self.on_track_vectors, from_beginning=True)
         self.takedown_reader = broadcast(topics.track_takedowns, self.on_takedowns, from_beginning=True)
+
+        async def record_repair(partition: int, value: bytes) -> Any:
+            return await app.producer.send_and_wait(
+                topics.repairs, str(partition).encode(), value, partition=None, timestamp=None, headers=None
+            )
+
+        #: user-state partitions whose changelog lost records are restored from plays (stream/source_replay.py)
+        async def read_repairs() -> list[Any]:
+            return await read_to_end(settings.bootstrap, topics.repairs, client_kwargs)
+
+        self.source_replay = SourceReplay(
+            app, changelog_topic(settings.app_id), topics.plays, topics.repartition, record_repair, read_repairs
+        )
+        add_seek_hook(app, self.source_replay.rewinds)
+        self.metrics.watch_source_replay(self.source_replay)
         #: track -> taken down (True) or restored (False), as the compacted take-down topic says
         self.takedowns: dict[str, bool] = {}
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
@@ -455,7 +472,9 @@ class StreamWorker:
                 continue
             events[event.user, None].append((message.offset, event.track, event.ms_played, event.event_id))
             partitions[event.user] = home
-        return await self._count(events, partitions, len(batch), started)
+        completion = await self._count(events, partitions, len(batch), started)
+        self.source_replay.track(batch, completion)
+        return completion
 
     async def on_forwarded_plays(self, batch: list[Any]) -> asyncio.Future | None:
         """One micro-batch of `plays.repartition` records (plays another worker read from a partition other
@@ -483,7 +502,9 @@ class StreamWorker:
                 continue
             events[event.user, source[0]].append((source[1], event.track, event.ms_played, event.event_id))
             partitions[event.user] = message.partition
-        return await self._count(events, partitions, len(batch), started)
+        completion = await self._count(events, partitions, len(batch), started)
+        self.source_replay.track(batch, completion)
+        return completion
 
     async def _forward(self, message: Any, key: bytes, home: int) -> None:
         """Re-send a play read from the wrong partition to its user's partition of `plays.repartition`

@@ -5,7 +5,8 @@ changelog: stale state is dropped and restored, never crashes the worker, and va
    ConsistencyError at every start).
 2. Topics deleted and recreated while the worker is stopped (caught by the recorded topic ids, and
    without them, by the offsets alone).
-3. The user-state changelog emptied by retention while the worker is stopped.
+3. The user-state changelog emptied by retention while the worker is stopped: its counts are read
+   again from plays, exactly.
 4. A restart against the same broker after 50K plays: state intact, restore reads only what the
    changelog holds past the local offsets.
 """
@@ -197,7 +198,9 @@ def _alter(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
 
 def test_changelog_emptied_by_retention(tmp_path):
     """Retention empties the user-state changelog while the worker is stopped: the restarted worker is
-    ready, its users start from zero without error, and it counts new plays exactly."""
+    ready, reads its partitions' plays again (stream/source_replay.py) and every user's counts are exact
+    again, over HTTP and in the changelog; new plays count exactly on top; a restart after the restore
+    does not read the plays again."""
     broker = DevBroker(port=free_port())  # its retention check runs every second (playrec.devbroker)
     bootstrap = broker.start()
     store = publish_model(tmp_path)
@@ -229,14 +232,40 @@ def test_changelog_emptied_by_retention(tmp_path):
         try:
             ready_s = _ready_within(worker, READY_S)
             assert worker.metric("playrec_local_partitions_dropped") >= 1
-            assert counts_over_http(worker, sorted(first)) == {u: {} for u in first}, "users kept emptied state"
+            restore_s = wait_for_exact_counts(lambda: worker, first, 120)
+            wait_for(
+                lambda: worker.metric("playrec_partitions_restored_from_source") == PARTITIONS,
+                60,
+                "every emptied partition's restore to be recorded",
+            )
             second = _round(bootstrap, prefix, 3000, seed=22)
-            wait_for_exact_counts(lambda: worker, second, 120)
-            print(f"\nchangelog emptied by retention: ready {ready_s:.1f} s, users restarted from zero")
+            both = _merged(first, second)
+            wait_for_exact_counts(lambda: worker, both, 120)
+            wait_for_durable_counts(bootstrap, app_id, both, 60)
         finally:
             worker.stop()
+        worker = start()  # restored and recorded: this start reads nothing again
+        try:
+            _ready_within(worker, READY_S)
+            wait_for_exact_counts(lambda: worker, both, 120)
+            assert worker.metric("playrec_partitions_restored_from_source") == 0
+            assert worker.metric("playrec_partitions_restoring_from_source") == 0
+        finally:
+            worker.stop()
+        print(
+            f"\nchangelog emptied by retention: ready {ready_s:.1f} s, {len(first)} users' counts restored from "
+            f"plays {restore_s:.1f} s later, exact; a later restart reads nothing again"
+        )
     finally:
         broker.stop()
+
+
+def _merged(*rounds: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter] = {}
+    for counts in rounds:
+        for user, tracks in counts.items():
+            out.setdefault(user, Counter()).update(tracks)
+    return {user: dict(c) for user, c in out.items()}
 
 
 def _persisted_offsets(data_dir: Path, table: str) -> dict[int, int]:
