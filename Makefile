@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= $(or $(PLAYREC_DATA),../shared/data)
 
-.PHONY: venv test lint demo bench soak clean
+.PHONY: venv test lint demo bench soak soak-takeover clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,14 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) benchmarks/als_vs_implicit.py
 
-# take-over soak: 50 kill -9 cycles of one of two workers under a steady replay (SOAK_ARGS="--seed N")
+# the lifecycle scenario at 50x: ~1M plays, 20 nights, a seeded random fault a day; figures into
+# docs/RELIABILITY.md (SOAK_ARGS="--seed N --nights 20 --scale 3.5")
 soak: $(STAMP)
-	$(PY) benchmarks/soak.py --cycles 50 $(SOAK_ARGS)
+	$(PY) -m tests.lifecycle.soak --write-docs $(SOAK_ARGS)
+
+# take-over soak: 50 kill -9 cycles of one of two workers under a steady replay (TAKEOVER_ARGS="--seed N")
+soak-takeover: $(STAMP)
+	$(PY) benchmarks/soak.py --cycles 50 $(TAKEOVER_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

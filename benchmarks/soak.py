@@ -1,7 +1,7 @@
 """Take-over soak: N kill -9 / take-over cycles of one of two workers under a steady replay.
 
     python benchmarks/soak.py [--cycles 50] [--seed S] [--rate 300]   # KAFKA_BOOTSTRAP, else a dev broker
-    make soak
+    make soak-takeover
 
 Every cycle must see the survivor take over (when the cycle waits for it) and both workers ready again
 within --deadline seconds (30); at the end every user's counts must equal the input exactly (HTTP and

@@ -1,5 +1,5 @@
 """Take-over recovery never hangs: 5 kill -9 / take-over cycles under a steady replay (the short soak;
-`make soak` runs 50, see benchmarks/soak.py and docs/RELIABILITY.md)."""
+`make soak-takeover` runs 50, see benchmarks/soak.py and docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 

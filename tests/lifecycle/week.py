@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
 from batch.model_store import ModelStore
 from batch.plays import read_play_counts
+from batch.user_state import changelog_topic
 from playrec.cli import main as playrec
 from playrec.devbroker import DevBroker
 from stream.events import encode_play
@@ -321,6 +325,8 @@ class Week:
                 name = fault.removeprefix("kill-")
                 self.workers[name].kill()
                 self.workers[name] = self._worker(name)
+            elif fault.startswith("retention-"):
+                self._retention_fault(day, fault.removeprefix("retention-"))
             elif fault == "broker-restart":
                 self.broker.stop()
                 time.sleep(3.0)  # the outage itself, not a synchronisation
@@ -335,6 +341,34 @@ class Week:
         finally:
             self.fault_window = False
         return time.monotonic() - started
+
+    def _retention_fault(self, day: int, name: str) -> None:
+        """Worker `name` is killed and retention empties its user-state changelog partitions before it comes
+        back: the topic briefly allows deletion (`cleanup.policy=compact,delete`, as a misconfigured cluster
+        has it) and the partitions' records are deleted up to their end (DeleteRecords, what retention does
+        to expired segments, at once), then the policy is compact again."""
+        partitions = self.workers[name].get("/ready")["partitions"]
+        self.workers[name].kill()
+        topic = changelog_topic(self.app)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="lifecycle-retention")
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap)
+        try:
+            tps = [TopicPartition(topic, p) for p in partitions]
+            end = consumer.end_offsets(tps)
+            policy = lambda value: ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": value})  # noqa: E731
+            admin.alter_configs([policy("compact,delete")])  # the whole config: the topic has no other override
+            try:
+                admin.delete_records({tp: end[tp] for tp in tps})
+            finally:
+                admin.alter_configs([policy("compact")])
+            emptied = consumer.beginning_offsets(tps)
+            if any(emptied[tp] != end[tp] for tp in tps):
+                raise InvariantError(f"day {day}: DeleteRecords left {topic} at {emptied}, not {end}")
+        finally:
+            consumer.close()
+            admin.close()
+        self.log(f"lifecycle day {day}: emptied {topic} partitions {partitions} (up to {sorted(end.values())})")
+        self.workers[name] = self._worker(name)
 
     def take_down(self, day: int, tracks: list[str]) -> None:
         admin = self.workers["a"]
