@@ -5,6 +5,7 @@ sends them."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -147,3 +148,38 @@ def test_vectors_of_another_model_version_do_not_count(worker):
     asyncio.run(scenario())
     assert not [b for b in worker.published if b["track"] == "n2"]
     assert unpack_stats(worker.listeners.data[stats_key("n2")], live.version, live.k).listeners == 0
+
+
+def test_after_a_swap_to_another_seed_and_factor_count_a_track_is_solved_against_the_new_model(worker, tmp_path):
+    """Issue #12 item 1: a new track folded in under one model is re-solved, after a swap to a model
+    trained with another seed and another factor count, from its listeners' vectors of the new model:
+    its vector equals the item half-step against the new model's user vectors (rel. error < 1e-4), and
+    listener updates still carrying old-model vectors do not count."""
+    old = worker.live
+    rng = np.random.default_rng(11)
+    x_old = rng.normal(0, 0.1, (8, old.k)).astype(np.float32)
+    counts = rng.integers(1, 20, 8)
+
+    async def stream(x: np.ndarray, version: str, offset: int) -> None:
+        await worker.on_track_plays(
+            [track_play("n9", f"f{i}", int(counts[i]), x[i], version, offset + i) for i in range(len(x))]
+        )
+
+    asyncio.run(stream(x_old, old.version, 0))
+    assert last_vector(worker, "n9")[1]["version"] == old.version
+    store = ModelStore(worker.settings.store)
+    params = replace(PARAMS, factors=PARAMS.factors + 3, seed=PARAMS.seed + 7)
+    new = train_and_publish(
+        synthetic_counts(random_plays(60, 40, 0.1, seed=3)), store, params, holdout=0, show_progress=False
+    ).version
+    asyncio.run(worker._load_and_refold(new))
+    live = worker.live
+    assert live.version == new and live.k == old.k + 3
+    asyncio.run(stream(x_old, old.version, 100))  # stale re-sends of old-model vectors: ignored
+    assert last_vector(worker, "n9")[1]["version"] == old.version
+    x_new = rng.normal(0, 0.1, (8, live.k)).astype(np.float32)  # the listeners' re-folded vectors
+    asyncio.run(stream(x_new, new, 200))
+    asyncio.run(worker.resolve_tracks())
+    vector, body = last_vector(worker, "n9")
+    assert body["version"] == new and len(vector) == live.k and body["listeners"] == 8
+    assert relative_error(vector, half_step(worker, x_new, counts)) < 1e-4
