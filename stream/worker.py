@@ -870,16 +870,24 @@ class StreamWorker:
                 solve_now[track] = track_stats
             else:
                 self._dirty_tracks[track] = None  # the timer re-solves it
+        # The solved vectors are delivered BEFORE the rows that record the solve (`solved_at`): a kill
+        # between the two re-delivers the batch, which solves and announces them again (the same vectors);
+        # the other order lost the announcement for good (the restored rows make the re-delivered
+        # records look applied, and `solved_at` says the track was announced).
+        delivered = []
+        for track, track_stats in solve_now.items():
+            self._dirty_tracks.pop(track, None)
+            delivered.append(await self._publish_track(live, track, track_stats))
+        if delivered:
+            await asyncio.gather(*delivered)
         partition_of = self.partitioner
         entries = [(key, pack_listener(row), partition_of(key.split(b"\x00")[1])) for key, row in listeners.items()]
         entries += [(stats_key(t), pack_stats(st), partition_of(t.encode())) for t, st in stats.items()]
         await self.listener_writer.write(entries)
-        for track, track_stats in solve_now.items():
-            self._dirty_tracks.pop(track, None)
-            await self._publish_track(live, track, track_stats)
 
-    async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> None:
-        """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`."""
+    async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> asyncio.Future:
+        """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`;
+        returns the record's delivery future."""
         vector = track_stats.solve(live.user_gram, live.params.reg)
         self.metrics.track_fold_ins.inc()
         body = {
@@ -888,7 +896,7 @@ class StreamWorker:
             "listeners": track_stats.listeners,
             "version": track_stats.version,
         }
-        await self.app.producer.send(
+        return await self.app.producer.send(
             self.topics.track_vectors, track.encode(), pack_message(body), partition=None, timestamp=None, headers=None
         )
 

@@ -43,8 +43,11 @@ def worker(tmp_path):
             worker.listeners.data[key] = value
             worker.largest_row = max(worker.largest_row, len(value))
 
-    async def send(topic, key, value, **kwargs: Any):
+    async def send(topic, key, value, **kwargs: Any) -> asyncio.Future:
         worker.published.append(unpack_message(value))
+        delivered = asyncio.get_running_loop().create_future()  # like faust's: the record's delivery
+        delivered.set_result(None)
+        return delivered
 
     worker.listener_writer.write = write
     worker.app.producer.send = send
@@ -183,3 +186,27 @@ def test_after_a_swap_to_another_seed_and_factor_count_a_track_is_solved_against
     vector, body = last_vector(worker, "n9")
     assert body["version"] == new and len(vector) == live.k and body["listeners"] == 8
     assert relative_error(vector, half_step(worker, x_new, counts)) < 1e-4
+
+
+def test_a_kill_before_the_announcement_is_delivered_announces_it_on_redelivery(worker):
+    """The lifecycle test caught it (#21, day 1, kill -9): the rows recording a solve were written before
+    the vector's announcement was delivered; a kill in between lost the announcement for good (the
+    re-delivered records look applied) and the track was never searchable. Announcements are now
+    delivered first: a failed delivery leaves the rows unwritten and the re-delivered batch announces."""
+    live = worker.live
+    x = np.random.default_rng(4).normal(0, 0.1, (6, live.k)).astype(np.float32)
+    batch = [track_play("n7", f"k{i}", 3, x[i], live.version, i) for i in range(6)]
+    deliver = worker.app.producer.send
+
+    async def killed(topic, key, value, **kwargs: Any):
+        raise RuntimeError("worker killed before the announcement was delivered")
+
+    worker.app.producer.send = killed
+    with pytest.raises(RuntimeError):
+        asyncio.run(worker.on_track_plays(batch))
+    assert stats_key("n7") not in worker.listeners.data  # nothing recorded: the batch is not applied
+    worker.app.producer.send = deliver
+    asyncio.run(worker.on_track_plays(batch))  # the same records, re-delivered to the next owner
+    vector, body = last_vector(worker, "n7")
+    assert body["listeners"] == 6 and body["version"] == live.version
+    assert relative_error(vector, half_step(worker, x, np.full(6, 3))) < 1e-4
