@@ -8,8 +8,12 @@ The owner of a new track's `track-plays` partition keeps, in the `track-listener
 * one aggregate row per track (`stats_key`): the item half-step's sufficient statistics over the
   listeners whose vector belongs to the aggregate's model version,
   `A = sum_u (c_u - 1) x_u x_u^T` (k x k, float64, upper triangle stored) and `b = sum_u c_u x_u` (k),
-  the number of such listeners and when the track was last solved. 6.7 KB at k = 40, whatever the
-  listeners (k <= 90 stays under 64 KiB).
+  the number of such listeners, when the track was last solved and the offset of the last
+  `track-plays` record they hold. 6.7 KB at k = 40, whatever the listeners (k <= 90 stays under 64 KiB).
+
+A batch's aggregate rows are made durable before its listener rows, so a crash between the two
+re-delivers records the aggregate already holds: those only set their listener row again (a record at
+or below the aggregate's offset is never applied twice).
 
 A listener's update replaces their old contribution by the new one (`-old + new`, exact in float64), so
 a re-sent update changes nothing (idempotent) and a listener whose vector or count changed counts with
@@ -73,7 +77,7 @@ def unpack_listener(raw: bytes | None) -> Listener:
 class TrackStats:
     """The sufficient statistics of one track's item half-step for model `version` (k factors)."""
 
-    __slots__ = ("A", "b", "k", "listeners", "solved_at", "version")
+    __slots__ = ("A", "b", "k", "listeners", "offset", "solved_at", "version")
 
     def __init__(self, version: str | None, k: int) -> None:
         self.version, self.k = version, k
@@ -81,6 +85,9 @@ class TrackStats:
         self.b = np.zeros(k, np.float64)
         self.listeners = 0  # listeners with a vector of `version` and at least one stream
         self.solved_at = 0  # `listeners` when the track was last solved (0: never for this version)
+        #: offset of the last `track-plays` record applied (a track's records share one partition), so a
+        #: record re-delivered after a crash is applied once (-1: none yet)
+        self.offset = -1
 
     def apply(self, x: bytes | None, version: str | None, weight: float, sign: float) -> bool:
         """Add (sign +1) or remove (-1) one listener's contribution: x float32 bytes, weight = c - 1."""
@@ -110,6 +117,7 @@ def pack_stats(stats: TrackStats) -> bytes:
             "b": stats.b.astype("<f8").tobytes(),
             "n": stats.listeners,
             "s": stats.solved_at,
+            "o": stats.offset,
         }
     )
 
@@ -130,6 +138,7 @@ def unpack_stats(raw: bytes | None, version: str | None, k: int) -> TrackStats:
         A[cols, rows] = A[rows, cols]
         fresh.A, fresh.b = A, np.frombuffer(body["b"], "<f8").astype(np.float64)
         fresh.listeners, fresh.solved_at = int(body["n"]), int(body["s"])
+        fresh.offset = int(body.get("o", -1))
         if fresh.b.shape != (k,):
             return TrackStats(version, k)
     except Exception:

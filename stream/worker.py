@@ -835,6 +835,7 @@ class StreamWorker:
         version, k, params = live.version, live.k, live.params
         listeners: dict[bytes, Listener] = {}
         stats: dict[str, TrackStats] = {}
+        changed: set[str] = set()
         for message in batch:
             play, reason = decode_track_play(message.value)
             if play is None:  # workers write this topic, but so can anyone: dead-letter, never stop
@@ -849,20 +850,29 @@ class StreamWorker:
                 new = Listener(play.count, play.x, play.version)
             else:
                 new = Listener(play.count, old.x, old.version)
-            if new == old:
-                continue  # a re-sent update
             track_stats = stats.get(track)
             if track_stats is None:
                 track_stats = stats[track] = unpack_stats(self.listeners.get(stats_key(track)), version, k)
+            if message.offset <= track_stats.offset:
+                # applied to the statistics before a crash that came before this listener's row was
+                # written (the statistics are written first): only the row is set again
+                if new != old:
+                    listeners[key] = new
+                continue
+            track_stats.offset = message.offset
+            if new == old:
+                continue  # a re-sent update
             if old.count > 0:
                 track_stats.apply(old.x, old.version, confidence_weight(old.count, params), -1.0)
             if new.count > 0:
                 track_stats.apply(new.x, new.version, confidence_weight(new.count, params), 1.0)
             listeners[key] = new
-        if not stats:
+            changed.add(track)
+        if not listeners and not changed:
             return
         solve_now: dict[str, TrackStats] = {}
-        for track, track_stats in stats.items():
+        for track in changed:
+            track_stats = stats[track]
             if track_stats.listeners >= self.settings.min_listeners and (
                 track_stats.solved_at == 0 or track_stats.listeners >= 2 * track_stats.solved_at
             ):
@@ -880,10 +890,17 @@ class StreamWorker:
             delivered.append(await self._publish_track(live, track, track_stats))
         if delivered:
             await asyncio.gather(*delivered)
+        # The statistics (with the offset of the last record they hold) are durable before the listener
+        # rows: a kill between the two re-delivers records the statistics already hold (skipped for them,
+        # their listener rows set again); the other order left listener rows whose contributions the
+        # statistics lacked, and the re-delivered records looked like re-sends (never counted).
         partition_of = self.partitioner
-        entries = [(key, pack_listener(row), partition_of(key.split(b"\x00")[1])) for key, row in listeners.items()]
-        entries += [(stats_key(t), pack_stats(st), partition_of(t.encode())) for t, st in stats.items()]
-        await self.listener_writer.write(entries)
+        await self.listener_writer.write(
+            [(stats_key(t), pack_stats(stats[t]), partition_of(t.encode())) for t in changed]
+        )
+        await self.listener_writer.write(
+            [(key, pack_listener(row), partition_of(key.split(b"\x00")[1])) for key, row in listeners.items()]
+        )
 
     async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> asyncio.Future:
         """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`;

@@ -210,3 +210,39 @@ def test_a_kill_before_the_announcement_is_delivered_announces_it_on_redelivery(
     vector, body = last_vector(worker, "n7")
     assert body["listeners"] == 6 and body["version"] == live.version
     assert relative_error(vector, half_step(worker, x, np.full(6, 3))) < 1e-4
+
+
+@pytest.mark.parametrize("durable", [0, 1, 3, 5])
+def test_a_kill_between_the_statistics_and_the_listener_rows_counts_every_listener_once(worker, durable):
+    """Found by the lifecycle test (#21, day 1, kill -9 of a track's owner): listener rows were written
+    before the track's statistics, and a kill between the two left listeners whose contributions the
+    statistics lacked; the re-delivered records then looked like re-sends and never counted. The
+    statistics are now written first and record the last `track-plays` offset they hold: wherever a kill
+    interrupts the batch's writes (`durable` rows reached the changelog), the re-delivered batch counts
+    each listener exactly once."""
+    live = worker.live
+    x = np.random.default_rng(8).normal(0, 0.1, (9, live.k)).astype(np.float32)
+    counts = np.arange(1, 10)
+    first = [track_play("n8", f"m{i}", int(counts[i]), x[i], live.version, i) for i in range(4)]
+    second = [track_play("n8", f"m{i}", int(counts[i]), x[i], live.version, i) for i in range(4, 9)]
+    asyncio.run(worker.on_track_plays(first))
+    write = worker.listener_writer.write
+    budget = [durable]
+
+    async def killed(entries):  # the first `durable` rows of the batch reach the changelog, then the kill
+        kept, budget[0] = entries[: budget[0]], max(0, budget[0] - len(entries))
+        await write(kept)
+        if len(kept) < len(entries):
+            raise RuntimeError("worker killed during the changelog write")
+
+    worker.listener_writer.write = killed
+    with pytest.raises(RuntimeError):
+        asyncio.run(worker.on_track_plays(second))
+    worker.listener_writer.write = write
+    asyncio.run(worker.on_track_plays(second))  # re-delivered to the next owner
+    asyncio.run(worker.resolve_tracks())
+    restored = unpack_stats(worker.listeners.data[stats_key("n8")], live.version, live.k)
+    assert restored.listeners == 9
+    vector, body = last_vector(worker, "n8")
+    assert body["listeners"] == 9
+    assert relative_error(vector, half_step(worker, x, counts)) < 1e-4
