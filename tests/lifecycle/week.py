@@ -1,7 +1,9 @@
 """A week of production, compressed (#21): the scenario and its invariants, shared by the lifecycle test
 (`tests/lifecycle/test_week.py`, in `make test`) and larger runs (`Week(scale=...)`).
 
-Day 0: `playrec train --plays` on Last.fm 2K (the history), two workers on the default table store.
+Day 0: the README flow rehearsed once on a first broker (`playrec train --plays` on Last.fm 2K, two
+workers on the default table store, a few hundred plays counted, workers and broker stopped), then run
+for real on a new broker (a new Kafka cluster) with the workers' data dirs left from the rehearsal.
 Each day: a slice of plays from two producers (kafka-python, murmur2 partitioner; confluent-kafka,
 its default CRC32 partitioner), with file users, brand-new listeners, new tracks and one hit whose
 listeners play it first; two take-downs mid-day; HTTP queries at a steady rate all along; the day's
@@ -46,6 +48,7 @@ TOKEN = "lifecycle-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MS_PLAYED = 200_000  # every play of the scenario is a stream (>= 30 s)
 SEARCHABLE_S = 10.0  # a new track with 5 listeners that have vectors is searchable within this
+REHEARSAL_USERS = 100  # history users who play 3 tracks each in the rehearsal (every partition gets some)
 
 
 class InvariantError(AssertionError):
@@ -173,27 +176,73 @@ class Week:
     # ------------------------------------------------------------------------------------ scaffold
 
     def start(self) -> None:
+        """Day 0: the rehearsal, then the README flow again on a new broker over the same worker data dirs:
+        both workers split the partitions and serve none of the rehearsal's counts."""
+        rehearsed = self.rehearse()
         self.bootstrap = self.broker.start()
+        self._day0("day 0")
+        for name, worker in self.workers.items():
+            got = {u: c for u, c in counts_over_http(worker, rehearsed).items() if c}
+            if got:
+                user = next(iter(got))
+                raise InvariantError(
+                    f"day 0: worker {name} on a new broker serves {len(got)} users' counts of the rehearsal "
+                    f"(gone with its broker), e.g. {user!r}: {got[user]}"
+                )
+
+    def rehearse(self) -> list[str]:
+        """The day-0 flow once on a first broker, as a newcomer runs the README before running it again:
+        train, two workers on their data dirs, REHEARSAL_USERS x 3 plays counted, workers then broker
+        stopped. Its plays are gone with that broker (not in the truth). Returns the users who played."""
+        broker = DevBroker(data_dir=self.root / "kafka-rehearsal", port=free_port())
+        self.bootstrap = broker.start()
+        try:
+            self._day0("day 0 rehearsal", "rehearsal")
+            rng = random.Random(self.seed + 1)  # the days' plays stay those of `self.rng`
+            users = rng.sample(self.file_users, REHEARSAL_USERS)
+            plays, expected = [], Truth()
+            for user in users:
+                for track in rng.sample(self.popular[:100], 3):
+                    plays.append(encode_play(user, track, int(time.time() * 1000), MS_PLAYED, _eid()))
+                    expected.add(user, track)
+            Replay(self.bootstrap, self.prefix + "plays", plays, 2000.0).start().wait(120)
+            try:  # durable: the workers' local stores hold changelog offsets of this cluster
+                wait_for_durable_counts(self.bootstrap, self.app, expected.counts, 60)
+            except AssertionError as exc:
+                raise InvariantError(f"day 0 rehearsal: {exc}") from None
+        finally:
+            for worker in self.workers.values():
+                worker.stop()
+            self.workers = {}
+            broker.stop()
+        return users
+
+    def _day0(self, step: str, logs: str = "worker") -> None:
+        """`playrec train --plays` into the store, then workers a and b on their data dirs, ready."""
         args = ["train", "--plays", str(self.lastfm), "--out", str(self.store.root), "--holdout", "0", *MODEL_FLAGS]
         if playrec(args) != 0:
-            raise InvariantError("day 0: playrec train --plays failed")
+            raise InvariantError(f"{step}: playrec train --plays failed")
         for name in "ab":
-            self.workers[name] = self._worker(name)
-        wait_for(self._split, 180, "day 0: two workers splitting the partitions")
+            self.workers[name] = self._worker(name, logs)
+        try:
+            wait_for(self._split, 180, f"{step}: two workers splitting the partitions")
+        except AssertionError as exc:  # a worker that exited: its log's tail is the evidence
+            raise InvariantError(f"{step}: {str(exc)[-3000:]}") from None
 
     def close(self) -> None:
         for worker in self.workers.values():
             worker.stop()
         self.broker.stop()
 
-    def _worker(self, name: str) -> WorkerProcess:
-        """Worker `name` on the default table store with its own data dir, kept across restarts."""
+    def _worker(self, name: str, logs: str = "worker") -> WorkerProcess:
+        """Worker `name` on the default table store with its own data dir, kept across restarts and
+        from the rehearsal's broker to the real one (its log under `logs-name`)."""
         return WorkerProcess(
             self.bootstrap,
             self.store.root,
             self.prefix,
             self.app,
-            self.root / f"worker-{name}",
+            self.root / f"{logs}-{name}",
             table_store=None,
             data_dir=self.root / f"data-{name}",
             session_timeout=6,
