@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -226,8 +227,15 @@ class Week:
             self.workers[name] = self._worker(name, logs)
         try:
             wait_for(self._split, 180, f"{step}: two workers splitting the partitions")
-        except AssertionError as exc:  # a worker that exited: its log's tail is the evidence
-            raise InvariantError(f"{step}: {str(exc)[-3000:]}") from None
+        except AssertionError as exc:
+            exited = [(n, w) for n, w in self.workers.items() if w.proc.poll() is not None]
+            if not exited:
+                raise InvariantError(f"{step}: {exc}") from None
+            name, worker = exited[0]
+            raise InvariantError(
+                f"{step}: worker {name} exited with {worker.proc.returncode}: {_last_error(worker.tail(400))} "
+                f"(log {worker.log_path})"
+            ) from None
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -536,3 +544,12 @@ class Week:
 
 def _eid() -> str:
     return uuid.uuid4().hex
+
+
+def _last_error(log: str) -> str:
+    """The last exception a worker's log shows (its line and the next), else the log's last line."""
+    lines = log.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[\w.]+(Error|Exception): ", lines[i]):
+            return " ".join(line.strip() for line in lines[i : i + 2])
+    return lines[-1] if lines else "(empty log)"
