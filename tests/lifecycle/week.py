@@ -32,6 +32,7 @@ from batch.plays import read_play_counts
 from playrec.cli import main as playrec
 from playrec.devbroker import DevBroker
 from stream.events import encode_play
+from stream.settings import Topics
 
 from ..faults.harness import (
     ConfluentReplay,
@@ -415,9 +416,11 @@ class Week:
         """Every play counted exactly once: the changelog (what a retrain reads) equals the truth, and
         a sample of users over HTTP from both workers."""
         expected = self.truth.counts
+        self.check_dead_letters(step)
         try:
             wait_for_durable_counts(self.bootstrap, self.app, expected, 120)
         except AssertionError as exc:
+            self.check_dead_letters(step)
             raise InvariantError(f"{step}: counts differ from the producers' truth: {exc}") from None
         sample = self.rng.sample(sorted(expected), min(300, len(expected)))
         for name, worker in self.workers.items():
@@ -429,6 +432,28 @@ class Week:
                     f"{step}: worker {name} serves {lost} streams lost, {duplicated} duplicated; "
                     f"e.g. {wrong!r}: {got[wrong]} vs {expected[wrong]}"
                 )
+
+    def check_dead_letters(self, step: str) -> None:
+        """Nothing is dead-lettered: every record of the scenario is valid, whichever producer sent it."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        topic = Topics(self.prefix).dead_letter
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            ends = consumer.end_offsets(tps) if tps else {}
+            if not sum(ends.values()):
+                return
+            consumer.assign([tp for tp in tps if ends[tp]])
+            consumer.seek_to_beginning()
+            first = wait_for(lambda: [r for rs in consumer.poll(timeout_ms=500).values() for r in rs], 30, topic)[0]
+        finally:
+            consumer.close()
+        headers = {k: v.decode("utf-8", "replace") for k, v in first.headers}
+        raise InvariantError(
+            f"{step}: {sum(ends.values())} records dead-lettered, e.g. {first.key!r} from {headers.get('source')}: "
+            f"{headers.get('reason')}"
+        )
 
     def check_new_tracks(self, step: str, tracks: list[str], since: float) -> float:
         """Every new track (5+ listeners with vectors) and the hit are searchable on both workers within
