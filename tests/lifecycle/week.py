@@ -472,7 +472,8 @@ class Week:
             name, track = sorted(pending)[0]
             raise InvariantError(
                 f"{step}: {len(pending)} (worker, new track) pairs not searchable {SEARCHABLE_S:.0f} s after the "
-                f"replay, e.g. {track!r} on worker {name}: {self.workers[name].request(f'/tracks/{track}/similar')}"
+                f"replay ({', '.join(f'{t} on {n}' for n, t in sorted(pending)[:6])}), e.g. {track!r} on worker "
+                f"{name}: {self.workers[name].request(f'/tracks/{track}/similar')}"
             ) from None
         return time.monotonic() - since
 
