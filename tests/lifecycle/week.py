@@ -186,9 +186,13 @@ class Week:
     def start(self) -> None:
         """Day 0: the rehearsal, then the README flow again on a new broker over the same worker data dirs:
         both workers split the partitions and serve none of the rehearsal's counts."""
+        started = time.monotonic()
         rehearsed = self.rehearse()
+        rehearsal_s = time.monotonic() - started
         self.bootstrap = self.broker.start()
         self._day0("day 0")
+        ready_s = time.monotonic() - started - rehearsal_s
+        self.log(f"lifecycle day 0: rehearsal {rehearsal_s:.1f} s, then ready on a new broker in {ready_s:.1f} s")
         for name, worker in self.workers.items():
             got = {u: c for u, c in counts_over_http(worker, rehearsed).items() if c}
             if got:
