@@ -12,7 +12,10 @@ starts above offset 0, and above the offset recorded as repaired on the `repairs
 reads `plays[p]` and `plays.repartition[p]` again from their first offsets. Counting is idempotent by
 source offset (docs/RELIABILITY.md), so a row the changelog kept skips every play it already holds and
 a lost row is counted again from its first play: the partition's counts become exact again. When the
-batches up to the end offsets those partitions had at detection are durable, the repair is recorded on
+batches up to the end offsets those partitions had at detection are durable, every row the worker
+holds for the partition is written to the changelog again (a worker that restored the partition before
+the records were deleted holds rows the changelog no longer has, which the re-read plays leave
+unchanged, so nothing else would write them), and the repair is recorded on
 `repairs` (key: the partition number, value: the changelog's log start offset it repaired), so later
 assignments do not read the partition again unless the changelog loses more.
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[int, bytes], Awaitable[Any]]
 ReadAll = Callable[[], Awaitable[list[Any]]]
+Rewrite = Callable[[int], Awaitable[int]]
 
 
 @dataclass
@@ -69,15 +73,24 @@ class SourceReplay:
     """Finds user-state changelog partitions that lost records and restores them from `plays`.
 
     `changelog` is the user-state changelog topic, `plays` and `repartition` the topics its counts come
-    from (same partition numbers); `send(partition, value)` records a finished repair on `repairs` and
-    `read_repairs()` returns every record of `repairs`."""
+    from (same partition numbers); `send(partition, value)` records a finished repair on `repairs`,
+    `read_repairs()` returns every record of `repairs`, and `rewrite(partition)` writes every row the
+    worker holds for the partition to the changelog again (rows the re-read plays did not change, e.g.
+    restored from the changelog before it lost them, would be missing from it); returns how many."""
 
     def __init__(
-        self, app: Any, changelog: str, plays: str, repartition: str, send: Send, read_repairs: ReadAll
+        self,
+        app: Any,
+        changelog: str,
+        plays: str,
+        repartition: str,
+        send: Send,
+        read_repairs: ReadAll,
+        rewrite: Rewrite,
     ) -> None:
         self.app = app
         self.changelog, self.plays, self.repartition = changelog, plays, repartition
-        self.send, self.read_repairs = send, read_repairs
+        self.send, self.read_repairs, self.rewrite = send, read_repairs, rewrite
         self.repaired: dict[int, int] = {}  # partition -> changelog log start offset already repaired
         self.active: dict[int, Repair] = {}
         self.completed = 0  # partitions restored since start-up
@@ -190,6 +203,7 @@ class SourceReplay:
     async def _write(self, repair: Repair) -> None:
         body = {"partition": repair.partition, "log_start": repair.log_start, "at": int(time.time() * 1000)}
         try:
+            rows = await self.rewrite(repair.partition)
             await self.send(repair.partition, pack_message(body))
         except Exception:
             repair.recording = False
@@ -200,9 +214,10 @@ class SourceReplay:
             del self.active[repair.partition]
         self.completed += 1
         log.info(
-            "user-state changelog partition %d restored from its source topics in %.1f s",
+            "user-state changelog partition %d restored from its source topics in %.1f s (%d rows written again)",
             repair.partition,
             time.monotonic() - repair.started,
+            rows,
         )
 
     def restoring(self) -> list[int]:

@@ -224,7 +224,13 @@ class StreamWorker:
             return await read_to_end(settings.bootstrap, topics.repairs, client_kwargs)
 
         self.source_replay = SourceReplay(
-            app, changelog_topic(settings.app_id), topics.plays, topics.repartition, record_repair, read_repairs
+            app,
+            changelog_topic(settings.app_id),
+            topics.plays,
+            topics.repartition,
+            record_repair,
+            read_repairs,
+            self.rewrite_user_rows,
         )
         add_seek_hook(app, self.source_replay.rewinds)
         self.metrics.watch_source_replay(self.source_replay)
@@ -650,6 +656,17 @@ class StreamWorker:
             if not self._pending:
                 return
             self._start_fold_in()
+
+    async def rewrite_user_rows(self, partition: int) -> int:
+        """Write every user row this worker holds for `partition` to the changelog again (after a restore
+        from the source topics); returns how many. Pending fold-ins are written first, so no row written
+        here is older than one written before it."""
+        await self.drain_fold_ins()
+        partition_of = self.partitioner
+        rows = list(self.users.data.items())
+        entries = [(key, value, partition) for key, value in rows if partition_of(key) == partition]
+        await self.user_writer.write(entries)
+        return len(entries)
 
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the counted users' fold-in and write before partitions move: their rows must reach the

@@ -40,6 +40,7 @@ from ..faults.harness import (
     wait_for_durable_counts,
     wait_for_exact_counts,
 )
+from ..faults.test_exactly_once import both_ready
 from .workers import ROOT, WorkerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -258,6 +259,48 @@ def test_changelog_emptied_by_retention(tmp_path):
         )
     finally:
         broker.stop()
+
+
+def test_changelog_emptied_while_the_workers_run(kafka_bootstrap, tmp_path):
+    """Retention empties the user-state changelog while a worker holds every row (found by the lifecycle
+    test: a worker that restored partitions just before the deletion served exact counts, but the
+    changelog lacked their rows and a retrain's snapshot lost 541 streams). A second worker joins: the
+    partitions it takes are restored from plays, those the first keeps are detected too, and the
+    changelog, not only the answers, holds every count again."""
+    store = publish_model(tmp_path)
+    prefix, app_id = unique_names()
+    topic = changelog_topic(app_id)
+    first = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "a", table_store=None)
+    second = None
+    try:
+        first.wait_ready(90)
+        plays = _round(kafka_bootstrap, prefix, 5000, seed=31)
+        wait_for_exact_counts(lambda: first, plays, 120)
+        wait_for_durable_counts(kafka_bootstrap, app_id, plays, 60)
+        _, end = _offsets(kafka_bootstrap, topic)
+        _alter(kafka_bootstrap, topic, {"cleanup.policy": "compact,delete"})
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            admin.delete_records({TopicPartition(topic, p): offset for p, offset in end.items()})
+        finally:
+            admin.close()
+        _alter(kafka_bootstrap, topic, {"cleanup.policy": "compact"})
+        second = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "b", table_store=None)
+        wait_for(lambda: both_ready(first, second), 120, "two workers splitting the partitions")
+        wait_for(
+            lambda: first.metric("playrec_partitions_restored_from_source")
+            + second.metric("playrec_partitions_restored_from_source")
+            == PARTITIONS,
+            90,
+            "every emptied partition restored",
+        )
+        durable_s = wait_for_durable_counts(kafka_bootstrap, app_id, plays, 60)
+        wait_for_exact_counts(lambda: second, plays, 60)
+        print(f"\nchangelog emptied while the workers run: every count durable {durable_s:.1f} s after the restores")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def _merged(*rounds: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:

@@ -39,8 +39,12 @@ def replay(earliest: dict[TP, int], end: dict[TP, int], repairs: list | None = N
     async def read_repairs() -> list:
         return repairs or []
 
+    async def rewrite(partition: int) -> int:  # the worker's rows of the partition, written again
+        sent.append((partition, "rows"))
+        return 3
+
     app = SimpleNamespace(consumer=Offsets(earliest, end))
-    return SourceReplay(app, CHANGELOG, PLAYS, FORWARD, send, read_repairs), sent
+    return SourceReplay(app, CHANGELOG, PLAYS, FORWARD, send, read_repairs, rewrite), sent
 
 
 def record(topic: str, partition: int, offset: int):
@@ -80,7 +84,8 @@ def test_a_partition_that_lost_records_is_read_again_and_recorded_once_durable()
         last.set_result(True)
         for _ in range(3):
             await asyncio.sleep(0)
-        assert [(p, body["log_start"]) for p, body in sent] == [(1, 40)]
+        assert sent[0] == (1, "rows")  # every row of the partition is written again, then the record
+        assert [(p, body["log_start"]) for p, body in sent[1:]] == [(1, 40)]
         assert source.restoring() == [] and source.completed == 1
         assert await source.rewinds(assigned(0, 1)) == {}  # recorded: not read again
 
