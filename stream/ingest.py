@@ -209,21 +209,41 @@ class BatchingConsumerMixin:
     _ingest_inflight: asyncio.Task[None] | None = None
     _ingest_pending: asyncio.Task[bool] | None = None  # the last batch's completion (acks when done)
     _ingest_suspended: bool = False
+    _ingest_epoch: int = 0  # bumped by perform_seek: a fetch result read before it is not handled after it
     _ingest_commit: asyncio.Future | None = None  # the commit started after `commit_every` acks, if running
 
     async def perform_seek(self) -> None:
-        """faust's seek of every assigned partition to its committed offset, then the seek hooks' rewinds."""
+        """faust's seek of every assigned partition to its committed offset, then the seek hooks' rewinds.
+
+        With hooks, the assigned partitions of ingest topics are paused (and their buffered records
+        dropped: they are fetched again from the new positions) from before the hooks run until every
+        seek is done, so no record read from the committed offset is handled before a rewind moves the
+        partition back (a row counted from a later offset first would make the earlier plays look
+        applied)."""
         me = cast(Any, self)
-        await super().perform_seek()  # type: ignore[misc]
         hooks = getattr(me.app, _SEEK_HOOKS_ATTR, ())
         if not hooks:
+            await super().perform_seek()  # type: ignore[misc]
             return
         assignment = set(me.assignment())
-        for hook in hooks:
-            for tp, offset in (await hook(assignment)).items():
+        sinks = _sinks(me.app)
+        held = {tp for tp in assignment if tp.topic in sinks and tp in me._get_active_partitions()}
+        self._ingest_epoch += 1
+        me.pause_partitions(held)
+        for sink in sinks.values():
+            if sink.buffer:
+                sink.buffer = [r for r in sink.buffer if TP(r.topic, r.partition) not in held]
+        try:
+            rewinds: dict[TP, int] = {}
+            for hook in hooks:
+                rewinds.update((await hook(assignment)).items())
+            await super().perform_seek()  # type: ignore[misc]
+            for tp, offset in rewinds.items():
                 if tp in assignment:
                     log.info("reading %s[%d] again from offset %d", tp.topic, tp.partition, offset)
                     await me.seek(tp, offset)
+        finally:
+            me.resume_partitions(held)
 
     # ---------------------------------------------------------------- drain loop
     async def _drain_messages(self, fetcher: Any) -> None:
@@ -279,12 +299,13 @@ class BatchingConsumerMixin:
         consumer generation or a stopped flow ends the fetch result (re-fetched from the read offsets)."""
         me = cast(Any, self)
         generation = me.app.consumer_generation_id
+        epoch = self._ingest_epoch
         buffered = me._buffered_partitions
         get_read_offset = me._read_offset.__getitem__
         set_read_offset = me._read_offset.__setitem__
         for tp, recs in records.items():
-            if me.app.consumer_generation_id != generation or not me.flow_active:
-                return
+            if me.app.consumer_generation_id != generation or not me.flow_active or self._ingest_epoch != epoch:
+                return  # (a seek since the fetch: the rest is fetched again from the new positions)
             if not recs or (active is not None and tp not in active and tp not in buffered):
                 continue
             me.app.monitor.track_tp_end_offset(tp, me.highwater(tp))
@@ -316,7 +337,11 @@ class BatchingConsumerMixin:
                 set_read_offset(tp, buffer[-1].offset)
                 if len(buffer) >= sink.max_batch:
                     await self._ingest_flush(sink)
-                    if me.app.consumer_generation_id != generation or self._ingest_suspended:
+                    if (
+                        me.app.consumer_generation_id != generation
+                        or self._ingest_suspended
+                        or self._ingest_epoch != epoch
+                    ):
                         return
             await asyncio.sleep(0)  # let requests and completions run between partitions
 
