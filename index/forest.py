@@ -177,11 +177,13 @@ class HyperplaneForest:
         return self._a
 
     def _ensure_mutable(self) -> None:
-        """Copy memory-mapped arrays into memory before the first in-place change."""
+        """Copy memory-mapped arrays (a loaded forest) and the caller's arrays (kept by build())
+        into owned buffers before the first in-place change."""
         if not self._mutable:
             a = self._arrays()
             for name in ARRAY_NAMES:
-                self._set(name, np.array(a[name]))
+                if name not in self._buf:
+                    self._set(name, np.array(a[name]))
             self._mutable = True
 
     def _prepare_mutation(self) -> None:
@@ -324,11 +326,13 @@ class HyperplaneForest:
         t0 = time.perf_counter()
         x = _as_matrix(vectors, self.dim, "vectors")
         id_arr = _as_ids(ids, len(x))
-        # the forest writes into its row arrays (rows of removed items are reused): never the caller's
-        if isinstance(vectors, np.ndarray) and np.may_share_memory(x, vectors):
-            x = x.copy()
-        if isinstance(ids, np.ndarray) and np.may_share_memory(id_arr, ids):
-            id_arr = id_arr.copy()
+        # the caller's arrays are kept as they are (no copy) until the first add/remove, which
+        # copies them: the forest writes into its row arrays (rows of removed items are reused)
+        shared = {
+            name
+            for name, mine, given in (("vectors", x, vectors), ("ids", id_arr, ids))
+            if isinstance(given, np.ndarray) and np.may_share_memory(mine, given)
+        }
         srt = np.sort(id_arr)
         if len(srt) > 1 and (srt[1:] == srt[:-1]).any():
             raise DuplicateIdError("ids passed to build() must be unique")
@@ -356,8 +360,8 @@ class HyperplaneForest:
             "leaf_radius": np.zeros(0, np.float32),
         }
         self._a = a
-        self._buf = dict(a)
-        self._mutable = True
+        self._buf = {k: v for k, v in a.items() if k not in shared}
+        self._mutable = not shared
         self._n_live = n
         self._free = np.zeros(0, np.int64)
         self._dead_in_leaves = False
