@@ -10,6 +10,13 @@ Data layout (all flat numpy arrays, saved as-is; see ``docs/FOREST.md``):
 * leaves: ``leaf_start (n_leaf,) int64``, ``leaf_count``, ``leaf_cap`` into the concatenated
   ``leaf_items (L,) int32``; ``leaf_parent`` (``2 * node + side``, or ``-1 - tree`` for a root);
   ``leaf_centroid (n_leaf, rdim) float32`` and ``leaf_radius (n_leaf,)`` in routing space (leaf scan).
+
+In memory (not saved): every array may be a prefix view of a bigger owning buffer (geometric
+capacity growth, so inserts are amortised O(1) per row); ``row_slot (n, n_trees)`` and
+``slot_leaf (L,)`` map rows to their leaf slots and slots to leaves (removals in O(n_trees)); the id
+lookup keeps recent inserts in a dict beside ``lookup_rows`` (``index/lookup.py``). Removed items
+leave their leaves at once, their rows are reused, and :meth:`HyperplaneForest.compact` drops
+leftover dead rows and retired slots. See ``docs/FOREST.md``, "Churn".
 """
 
 from __future__ import annotations
@@ -287,7 +294,7 @@ class HyperplaneForest:
 
     # ------------------------------------------------------------------ ids
     def _reset_lookup(self) -> None:
-        """Build the id lookup from scratch (O(n log n); build and compaction only)."""
+        """Build the id lookup from scratch (O(n log n); build only: later changes are incremental)."""
         a = self._arrays()
         self._lookup = IdLookup.build(a["ids"], a["alive"])
         self._set("lookup_rows", self._lookup.base_rows)
