@@ -1013,7 +1013,9 @@ class HyperplaneForest:
         # leaves are ordered by size (``rank``) so that each re-rank chunk holds leaves of similar
         # sizes: its score buffer is padded to its own largest leaf, not to the largest of all
         if "leaf_rank" not in self._cache:
-            by_size = np.argsort(count, kind="stable")
+            # counts <= leaf_size: a 16-bit stable sort is numpy's O(n) radix sort (same order)
+            small = self.leaf_size < 1 << 16
+            by_size = np.argsort(count.astype(np.uint16) if small else count, kind="stable")
             rank = np.empty(len(count), dtype=np.int64)
             rank[by_size] = np.arange(len(count))
             self._cache["leaf_rank"] = rank
