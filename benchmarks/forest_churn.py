@@ -14,8 +14,10 @@ norm). After each round it measures:
   ``search_k``), and of the first query after each re-solve batch (caches rebuilt after a change);
 * recall@10 of ``query_batch`` against the exact top 10 over the live items, on a fixed set of
   ``--recall-queries`` user-like queries (exact: base items once, new items per round);
-* memory: ``forest.nbytes`` and the process RSS; rows including dead ones; leaf slots;
-* time per re-solve batch (remove + add), median and max over the round's batches.
+* memory: ``forest.nbytes`` and the process RSS; rows including dead ones; leaf slots (unused:
+  of retired leaves) and leaves (retired: replaced by a regrown subtree);
+* time per re-solve batch (remove + add): wall median and max, and CPU median (``process_time``,
+  less sensitive to other jobs on a shared machine).
 
 BLAS runs on one thread (threadpoolctl). ``--max-batches N`` times only the first N batches of
 each round (for slow code paths, e.g. the code before this change); the table says so. Works on
@@ -82,14 +84,17 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def shape(f: HyperplaneForest) -> dict[str, int]:
-    """Rows (dead included), dead rows, leaf slots, leaves: from ``stats()`` or the arrays."""
-    st, a = f.stats(), f._arrays()
-    rows = st.get("rows", len(a["vectors"]))
+    """Rows (dead included), dead rows, leaf slots and the unused ones (retired leaves), leaves with
+    room and retired ones: from the arrays (the forest before this change has no such stats)."""
+    a = f._arrays()
+    rows, cap = len(a["vectors"]), a["leaf_cap"].astype(np.int64)
     return {
         "rows": rows,
-        "dead": st.get("dead_rows", rows - len(f)),
-        "slots": st.get("leaf_slots", len(a["leaf_items"])),
-        "leaves": len(a["leaf_count"]),
+        "dead": rows - len(f),
+        "slots": len(a["leaf_items"]),
+        "unused": len(a["leaf_items"]) - int(cap.sum()),
+        "leaves": int((cap > 0).sum()),
+        "retired": int((cap == 0).sum()),
     }
 
 
@@ -120,6 +125,7 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--recall-queries", type=int, default=1000)
     ap.add_argument("--max-batches", type=int, default=0, help="time only the first N batches of a round (0: all)")
+    ap.add_argument("--refine", type=int, default=None, help="Lloyd passes (default: the forest's, 12 for 1 tree)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -141,7 +147,7 @@ def main() -> None:
 
     p = ForestParams()
     t0 = time.perf_counter()
-    f = HyperplaneForest(args.dim, "dot", n_trees=p.n_trees, leaf_size=p.leaf_size, seed=p.seed)
+    f = HyperplaneForest(args.dim, "dot", n_trees=p.n_trees, leaf_size=p.leaf_size, seed=p.seed, refine=args.refine)
     f.build(base_x, base_ids)
     t_build = time.perf_counter() - t0
     git = os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip() or "?"
@@ -155,47 +161,53 @@ def main() -> None:
     )
     header = (
         "| round | query ms (median) | first query after a batch, ms | recall@10 | nbytes MiB | RSS MiB "
-        "| rows (dead) | leaf slots | leaves | ms per batch (median / max) | round s |"
+        "| rows (dead) | leaf slots (unused) | leaves (retired) | ms per batch (median / max) "
+        "| CPU ms per batch (median) | round s |"
     )
     print(header)
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
 
-    def report(rnd: str, batch_ms: list[float], first_ms: list[float], t_round: float, note: str = "") -> None:
+    def report(
+        rnd: str, batch_ms: list[float], cpu_ms: list[float], first_ms: list[float], t_round: float, note: str = ""
+    ) -> None:
         lat = median_latency(f, q_lat)
         got, _ = f.query_batch(q_recall, k=K)
         rec = recall(got, truth_ids(base_truth, base_ids, new_x, new_ids, q_recall))
         sh = shape(f)
         bm = f"{statistics.median(batch_ms):.1f} / {max(batch_ms):.1f}{note}" if batch_ms else "-"
         fm = f"{statistics.median(first_ms):.1f}" if first_ms else "-"
+        cm = f"{statistics.median(cpu_ms):.1f}" if cpu_ms else "-"
         print(
             f"| {rnd} | {lat:.2f} | {fm} | {rec:.3f} | {f.nbytes / 2**20:.0f} | {rss_mib():.0f} "
-            f"| {sh['rows']:,} ({sh['dead']:,}) | {sh['slots']:,} | {sh['leaves']:,} | {bm} | {t_round:.1f} |",
+            f"| {sh['rows']:,} ({sh['dead']:,}) | {sh['slots']:,} ({sh['unused']:,}) "
+            f"| {sh['leaves']:,} ({sh['retired']:,}) | {bm} | {cm} | {t_round:.1f} |",
             flush=True,
         )
 
-    report("built", [], [], 0.0)
+    report("built", [], [], [], 0.0)
     n_batches = (args.new + args.batch - 1) // args.batch
     timed = n_batches if not args.max_batches else min(args.max_batches, n_batches)
     note = f" ({timed} of {n_batches} batches)" if timed < n_batches else ""
     for rnd in range(args.resolves + 1):
-        batch_ms, first_ms = [], []
+        batch_ms, cpu_ms, first_ms = [], [], []
         t_round = time.perf_counter()
         for b in range(timed):
             sl = slice(b * args.batch, (b + 1) * args.batch)
             ids = new_ids[sl]
             if rnd:
                 new_x[sl] = perturb(new_x[sl], rng)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if rnd:
                 f.remove(ids)
             f.add(new_x[sl], ids)
             batch_ms.append(1000 * (time.perf_counter() - t0))
+            cpu_ms.append(1000 * (time.process_time() - c0))
             t0 = time.perf_counter()
             f.query(q_lat[b % len(q_lat)], k=K)
             first_ms.append(1000 * (time.perf_counter() - t0))
         if timed < n_batches and rnd == 0:  # the rest of the new tracks, untimed, so recall sees them all
             f.add(new_x[timed * args.batch :], new_ids[timed * args.batch :])
-        report("add" if rnd == 0 else str(rnd), batch_ms, first_ms, time.perf_counter() - t_round, note)
+        report("add" if rnd == 0 else str(rnd), batch_ms, cpu_ms, first_ms, time.perf_counter() - t_round, note)
     print(f"# total {time.perf_counter() - t_start:.0f} s; stats {f.stats()}")
 
 
