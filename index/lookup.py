@@ -50,9 +50,10 @@ class IdLookup:
         found = np.zeros(len(query), dtype=bool)
         keys = self.snapshot(ids)
         if len(keys) and len(query):
-            pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+            q, fits = _as_key_dtype(query, keys.dtype)
+            pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
             cand = self.base_rows[pos]
-            found = (keys[pos] == query) & alive[cand] & (ids[cand] == query)
+            found = fits & (keys[pos] == q) & alive[cand] & (ids[cand] == query)
             rows[found] = cand[found]
         if self.delta:
             miss = np.flatnonzero(~found)
@@ -108,3 +109,14 @@ class IdLookup:
         """Bytes of the key snapshot (the base rows are the forest's ``lookup_rows``; the delta dict's
         Python objects are not counted)."""
         return 0 if self._keys is None else int(self._keys.nbytes)
+
+
+def _as_key_dtype(query: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``query`` cast to the keys' ``dtype`` and a mask of the ids that can match at all.
+
+    ``searchsorted`` of wider strings than the keys would cast all n keys (O(n) per call); ids
+    longer than the keys' width cannot be in the base, so they are masked and the rest narrowed."""
+    if query.dtype == dtype or query.dtype.kind != "U" or dtype.kind != "U" or query.itemsize <= dtype.itemsize:
+        return query, np.ones(len(query), dtype=bool)
+    fits = np.char.str_len(query) <= dtype.itemsize // 4
+    return np.where(fits, query, "").astype(dtype), fits

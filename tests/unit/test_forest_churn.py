@@ -230,6 +230,7 @@ def test_reused_rows_take_longer_string_ids() -> None:
     got, _ = f.query_batch(x[:10], k=1)
     assert got[:, 0].tolist() == long_ids
     assert all(i in f for i in long_ids) and "a0" not in f and "a10" in f
+    assert "a5999" not in f and "a599" in f  # ids wider than the lookup's keys are not truncated
 
 
 def test_forest_saved_with_removed_items_in_leaves_still_loads(tmp_path) -> None:
