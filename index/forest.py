@@ -60,7 +60,6 @@ _COMPACT_DEAD = 0.25  # compact() when dead rows exceed this fraction of the row
 _COMPACT_SLOTS = 0.5  # ... or unused (retired) leaf slots this fraction of leaf_items ...
 _COMPACT_MIN = 1024  # ... and there are at least this many of them
 _ROW_ARRAYS = ("vectors", "norms", "ids", "alive")  # one row per item
-_SLOT_MAPS = ("row_slot", "slot_leaf")  # derived (not saved): item row -> its leaf slots, slot -> leaf
 
 
 def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
