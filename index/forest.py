@@ -10,6 +10,13 @@ Data layout (all flat numpy arrays, saved as-is; see ``docs/FOREST.md``):
 * leaves: ``leaf_start (n_leaf,) int64``, ``leaf_count``, ``leaf_cap`` into the concatenated
   ``leaf_items (L,) int32``; ``leaf_parent`` (``2 * node + side``, or ``-1 - tree`` for a root);
   ``leaf_centroid (n_leaf, rdim) float32`` and ``leaf_radius (n_leaf,)`` in routing space (leaf scan).
+
+In memory (not saved): every array may be a prefix view of a bigger owning buffer (geometric
+capacity growth, so inserts are amortised O(1) per row); ``row_slot (n, n_trees)`` and
+``slot_leaf (L,)`` map rows to their leaf slots and slots to leaves (removals in O(n_trees)); the id
+lookup keeps recent inserts in a dict beside ``lookup_rows`` (``index/lookup.py``). Removed items
+leave their leaves at once, their rows are reused, and :meth:`HyperplaneForest.compact` drops
+leftover dead rows and retired slots. See ``docs/FOREST.md``, "Churn".
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from . import search as _search
 from .errors import (
     DimensionError,
     DuplicateIdError,
+    ForestError,
     IdTypeError,
     NotBuiltError,
     UnknownIdError,
 )
+from .lookup import IdLookup
 from .storage import ARRAY_NAMES, load_arrays, save_arrays
 from .transforms import check_metric, items_to_routing, queries_to_routing, routing_dim
 from .tree_build import Grown, grow, merge
@@ -45,6 +54,12 @@ _SCAN_RATIO = 4  # auto: scan when there are at most 4 * search_k leaves (or <= 
 _SCAN_BLOCK = 4096  # queries per block in scan mode (each probed leaf is read once per block)
 _TAU_ITEMS = 40  # tau comes from the first leaves holding ~40 k items of each query
 _REFINE_PASSES = 12  # default Lloyd passes over the leaves of a one-tree forest (leaf scan)
+_GROWTH = 1.25  # capacity growth of the arrays add() appends to: amortised O(1) per row, <= 25% spare
+_MIN_CAPACITY = 64
+_COMPACT_DEAD = 0.25  # compact() when dead rows exceed this fraction of the rows ...
+_COMPACT_SLOTS = 0.5  # ... or unused (retired) leaf slots this fraction of leaf_items ...
+_COMPACT_MIN = 1024  # ... and there are at least this many of them
+_ROW_ARRAYS = ("vectors", "norms", "ids", "alive")  # one row per item
 
 
 def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
@@ -67,6 +82,16 @@ def _as_ids(ids: Any, n: int) -> np.ndarray:
     if arr.dtype.kind == "O" and all(isinstance(v, str) for v in arr):
         return arr.astype(str) if n else np.zeros(0, dtype="<U1")
     raise IdTypeError(f"ids must be all str or all int; got dtype {arr.dtype}")
+
+
+def _slot_tags(n_trees: int) -> np.ndarray:
+    """Placeholder slots ``-2 - tree`` of a new item's ``row_slot`` entries, until it is placed."""
+    return -2 - np.arange(n_trees, dtype=np.int64)
+
+
+def _slot_dtype(n_slots: int) -> type:
+    """``row_slot`` holds positions in ``leaf_items``: int32 while they fit, else int64."""
+    return np.int32 if n_slots < np.iinfo(np.int32).max else np.int64
 
 
 class HyperplaneForest:
@@ -136,9 +161,15 @@ class HyperplaneForest:
         self.ref_norm = 0.0
         self.n_adds = 0
         self._a: dict[str, np.ndarray] | None = None
-        self._lookup_keys: np.ndarray | None = None
-        self._cache: dict[str, Any] = {}  # derived arrays (slot index, row scales); reset on add/remove
+        self._buf: dict[str, np.ndarray] = {}  # owning buffers (spare capacity) behind the arrays of _a
+        self._lookup: IdLookup | None = None
+        self._free: np.ndarray | None = None  # sorted dead rows in no leaf, reused by add(); None: derive
+        self._n_live = 0
+        self._dead_in_leaves = False  # files written before 2026-12: removed items may sit in leaves
+        self._cache: dict[str, Any] = {}  # derived arrays (scan leaves, row scales); reset on add/remove
         self._mutable = True
+        self.reallocations = 0  # buffer reallocations by add() (capacity growth; see _append)
+        self.compactions = 0
 
     # ------------------------------------------------------------------ state helpers
     @property
@@ -152,12 +183,63 @@ class HyperplaneForest:
         return self._a
 
     def _ensure_mutable(self) -> None:
-        """Copy memory-mapped arrays into memory before the first in-place change."""
+        """Copy memory-mapped arrays (a loaded forest) and the caller's arrays (kept by build())
+        into owned buffers before the first in-place change."""
         if not self._mutable:
             a = self._arrays()
             for name in ARRAY_NAMES:
-                a[name] = np.array(a[name])
+                if name not in self._buf:
+                    self._set(name, np.array(a[name]))
             self._mutable = True
+
+    def _prepare_mutation(self) -> None:
+        """Own every array (copy memory-mapped ones) and take removed items out of the leaves of a
+        forest saved by older code (they were masked, not dropped), before the first change."""
+        self._ensure_mutable()
+        if self._dead_in_leaves:
+            dead = np.flatnonzero(~self._arrays()["alive"])
+            self._purge_rows(dead)
+            self._dead_in_leaves = False
+            log.info("took %d removed items out of the leaves of a forest saved by older code", len(dead))
+
+    def _set(self, name: str, arr: np.ndarray) -> None:
+        """Replace array ``name`` by ``arr`` (which becomes its buffer: no spare capacity)."""
+        self._arrays()[name] = arr
+        self._buf[name] = arr
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        """Append ``values`` along axis 0 to array ``name``: amortised O(len(values)).
+
+        The array is a prefix view of an owning buffer; when the buffer is full it is reallocated
+        with capacity ``max(needed, capacity * _GROWTH, _MIN_CAPACITY)`` (geometric growth, so n
+        single-row appends cost O(log n) reallocations). String ids wider than the buffer's width
+        reallocate it with the wider dtype."""
+        a = self._arrays()
+        cur = a[name]
+        n, m = len(cur), len(values)
+        dtype = np.result_type(cur.dtype, values.dtype) if cur.dtype.kind == "U" else cur.dtype
+        buf = self._buf.get(name)
+        if buf is None or n + m > len(buf) or buf.dtype != dtype:
+            buf = self._reallocate(name, n + m, dtype)
+        buf[n : n + m] = values
+        a[name] = buf[: n + m]
+
+    def _reallocate(self, name: str, need: int, dtype: np.dtype) -> np.ndarray:
+        """A new owning buffer for array ``name`` with room for ``need`` rows, the old rows copied."""
+        cur = self._arrays()[name]
+        old = self._buf.get(name, cur)
+        cap = len(old) if len(old) >= need else max(need, int(len(old) * _GROWTH), _MIN_CAPACITY)
+        buf = np.empty((cap, *cur.shape[1:]), dtype=dtype)
+        buf[: len(cur)] = cur
+        self._buf[name] = buf
+        self.reallocations += 1
+        log.debug("grew forest array %s: %d -> %d rows (%d used)", name, len(old), cap, len(cur))
+        return buf
+
+    def _capacity(self, name: str) -> int:
+        """Rows that array ``name`` can hold before its next reallocation."""
+        a = self._arrays()
+        return len(self._buf.get(name, a[name]))
 
     @property
     def id_kind(self) -> str:
@@ -166,7 +248,7 @@ class HyperplaneForest:
 
     def __len__(self) -> int:
         """Number of live (not removed) items."""
-        return 0 if self._a is None else len(self._a["lookup_rows"])
+        return 0 if self._a is None else self._n_live
 
     def __contains__(self, item_id: object) -> bool:
         if self._a is None:
@@ -176,39 +258,52 @@ class HyperplaneForest:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all arrays (vectors included)."""
-        return 0 if self._a is None else int(sum(v.nbytes for v in self._a.values()))
+        """Bytes held by the forest's arrays: vectors, spare capacity and derived indexes (slot maps,
+        the id lookup's key snapshot) included; the id lookup's small dict of recent inserts is not."""
+        if self._a is None:
+            return 0
+        held = sum(self._buf.get(k, v).nbytes for k, v in self._a.items())
+        return int(held + (self._lookup.key_bytes if self._lookup is not None else 0))
 
     def stats(self) -> dict[str, Any]:
-        """Sizes and shape figures of the forest (for logs and benchmarks)."""
+        """Sizes and shape figures of the forest (for logs and benchmarks).
+
+        ``rows``: item rows including ``dead_rows`` (removed, reusable by :meth:`add`);
+        ``row_capacity``: rows the buffers hold before the next reallocation; ``leaf_slots``: length
+        of ``leaf_items``, of which ``unused_slots`` belong to retired leaves."""
         a = self._arrays()
         counts = a["leaf_count"][a["leaf_cap"] > 0]
         return {
             "items": len(self),
             "rows": len(a["vectors"]),
+            "dead_rows": len(a["vectors"]) - len(self),
+            "row_capacity": self._capacity("vectors"),
             "trees": self.n_trees,
             "internal_nodes": len(a["offsets"]),
             "leaves": len(counts),
+            "leaf_slots": len(a["leaf_items"]),
+            "unused_slots": self._unused_slots(),
             "mean_leaf": float(counts.mean()) if len(counts) else 0.0,
             "max_leaf": int(counts.max()) if len(counts) else 0,
             "bytes": self.nbytes,
-            "index_bytes": self.nbytes - int(a["vectors"].nbytes),
+            "index_bytes": self.nbytes - int(self._buf.get("vectors", a["vectors"]).nbytes),
+            "reallocations": self.reallocations,
+            "compactions": self.compactions,
         }
 
     # ------------------------------------------------------------------ ids
-    def _rebuild_lookup(self) -> None:
+    def _reset_lookup(self) -> None:
+        """Build the id lookup from scratch (O(n log n); build only: later changes are incremental)."""
         a = self._arrays()
-        rows = np.flatnonzero(a["alive"])
-        order = np.argsort(a["ids"][rows], kind="stable")
-        a["lookup_rows"] = rows[order].astype(np.int64)
-        self._lookup_keys = None
+        self._lookup = IdLookup.build(a["ids"], a["alive"])
+        self._set("lookup_rows", self._lookup.base_rows)
         self._cache = {}
 
-    def _keys(self) -> np.ndarray:
-        if self._lookup_keys is None:
-            a = self._arrays()
-            self._lookup_keys = a["ids"][a["lookup_rows"]]
-        return self._lookup_keys
+    def _merge_lookup(self) -> None:
+        """Fold the lookup's recent inserts into the sorted ``lookup_rows`` (what is saved)."""
+        a = self._arrays()
+        if self._lookup is not None and (self._lookup.delta or len(self._lookup.base_rows) != self._n_live):
+            self._set("lookup_rows", self._lookup.merge(a["ids"], a["alive"]))
 
     def _coerce_ids(self, ids: np.ndarray) -> np.ndarray | None:
         """Cast ``ids`` to the forest's id dtype, or ``None`` if none can match."""
@@ -225,16 +320,11 @@ class HyperplaneForest:
 
     def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of live items with these ids ``(rows, found)``; rows are -1 where not found."""
-        rows = np.full(len(ids), -1, dtype=np.int64)
-        found = np.zeros(len(ids), dtype=bool)
-        ids = self._coerce_ids(ids)
-        keys = self._keys()
-        if ids is None or not len(keys):
-            return rows, found
-        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-        found = keys[pos] == ids
-        rows[found] = self._arrays()["lookup_rows"][pos[found]]
-        return rows, found
+        a = self._arrays()
+        q = self._coerce_ids(ids)
+        if q is None or self._lookup is None:
+            return np.full(len(ids), -1, dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        return self._lookup.find(q, a["ids"], a["alive"])
 
     # ------------------------------------------------------------------ build
     def build(self, vectors: np.ndarray, ids: Sequence[Any] | np.ndarray) -> HyperplaneForest:
@@ -242,6 +332,13 @@ class HyperplaneForest:
         t0 = time.perf_counter()
         x = _as_matrix(vectors, self.dim, "vectors")
         id_arr = _as_ids(ids, len(x))
+        # the caller's arrays are kept as they are (no copy) until the first add/remove, which
+        # copies them: the forest writes into its row arrays (rows of removed items are reused)
+        shared = {
+            name
+            for name, mine, given in (("vectors", x, vectors), ("ids", id_arr, ids))
+            if isinstance(given, np.ndarray) and np.may_share_memory(mine, given)
+        }
         srt = np.sort(id_arr)
         if len(srt) > 1 and (srt[1:] == srt[:-1]).any():
             raise DuplicateIdError("ids passed to build() must be unique")
@@ -269,8 +366,12 @@ class HyperplaneForest:
             "leaf_radius": np.zeros(0, np.float32),
         }
         self._a = a
-        self._mutable = True
-        self._rebuild_lookup()
+        self._buf = {k: v for k, v in a.items() if k not in shared}
+        self._mutable = not shared
+        self._n_live = n
+        self._free = np.zeros(0, np.int64)
+        self._dead_in_leaves = False
+        self._reset_lookup()
         z = items_to_routing(x, self.metric, self.ref_norm)
         rng = np.random.default_rng(self.seed)
         group = max(1, _GROUP_ELEMENTS // max(n, 1))
@@ -354,9 +455,10 @@ class HyperplaneForest:
         *,
         tight: bool,
         z_graft: np.ndarray | None = None,
+        old_pos: np.ndarray | None = None,
     ) -> None:
         """Grow 2-means subtrees (like the build's) over the runs ``rows[starts[i]:][:counts[i]]`` of ``z``
-        and graft them in place of ``leaves``, which are emptied."""
+        and graft them in place of ``leaves``, which are emptied. ``old_pos``: see :meth:`_graft`."""
         a = self._arrays()
         g = grow(
             rows, starts, counts, z, self.leaf_size, rng, sample=self.sample, iters=self.iters, balance=self.balance
@@ -364,12 +466,22 @@ class HyperplaneForest:
         refs = a["leaf_parent"][leaves].copy()
         a["leaf_count"][leaves] = 0
         a["leaf_cap"][leaves] = 0
-        self._graft(g, local_to_row, refs, tight=tight, z=z_graft)
+        self._graft(g, local_to_row, refs, tight=tight, z=z_graft, old_pos=old_pos)
 
     def _graft(
-        self, g: Grown, local_to_row: np.ndarray, seg_refs: np.ndarray, *, tight: bool, z: np.ndarray | None = None
+        self,
+        g: Grown,
+        local_to_row: np.ndarray,
+        seg_refs: np.ndarray,
+        *,
+        tight: bool,
+        z: np.ndarray | None = None,
+        old_pos: np.ndarray | None = None,
     ) -> None:
-        """Append grown nodes; segment ``j``'s root replaces the node referenced by ``seg_refs[j]``."""
+        """Append grown nodes; segment ``j``'s root replaces the node referenced by ``seg_refs[j]``.
+
+        ``g.items`` index ``local_to_row``; ``old_pos`` (same indexing): the leaf slot each item had
+        before (or its placeholder, see :meth:`add`), so that the slot maps follow the move."""
         a = self._arrays()
         n_int0, n_leaf0, l0 = len(a["offsets"]), len(a["leaf_count"]), len(a["leaf_items"])
 
@@ -377,36 +489,45 @@ class HyperplaneForest:
             codes = codes.astype(np.int64)
             return np.where(codes >= 0, codes + n_int0, codes - n_leaf0).astype(np.int32)
 
-        a["normals"] = np.concatenate([a["normals"], g.normals])
-        a["offsets"] = np.concatenate([a["offsets"], g.offsets])
-        a["children"] = np.concatenate([a["children"], remap(g.children)])
+        self._append("normals", g.normals)
+        self._append("offsets", g.offsets)
+        self._append("children", remap(g.children))
         parent = np.where(g.leaf_parent >= 0, g.leaf_parent + 2 * n_int0, seg_refs[np.maximum(-1 - g.leaf_parent, 0)])
-        a["leaf_parent"] = np.concatenate([a["leaf_parent"], parent])
-        a["leaf_count"] = np.concatenate([a["leaf_count"], g.leaf_count])
+        self._append("leaf_parent", parent)
+        self._append("leaf_count", g.leaf_count)
         items = local_to_row[g.items].astype(np.int32)
         if tight:
             start = g.leaf_start + l0
             cap = g.leaf_count.copy()
             new_items = items
+            placed, placed_pos = g.items, l0 + np.arange(len(g.items), dtype=np.int64)
         else:
             cap = np.full(len(g.leaf_count), self.leaf_size, dtype=np.int32)
             start = l0 + np.arange(len(cap), dtype=np.int64) * self.leaf_size
             new_items = np.full(len(cap) * self.leaf_size, -1, dtype=np.int32)
             c = g.leaf_count.astype(np.int64)
             within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-            new_items[np.repeat(start - l0, c) + within] = items[np.repeat(g.leaf_start, c) + within]
-        a["leaf_start"] = np.concatenate([a["leaf_start"], start])
-        a["leaf_cap"] = np.concatenate([a["leaf_cap"], cap])
-        a["leaf_items"] = np.concatenate([a["leaf_items"], new_items])
+            src, dst = np.repeat(g.leaf_start, c) + within, np.repeat(start - l0, c) + within
+            new_items[dst] = items[src]
+            placed, placed_pos = g.items[src], l0 + dst
+        self._append("leaf_start", start)
+        self._append("leaf_cap", cap)
+        self._append("leaf_items", new_items)
+        if "slot_leaf" in a:
+            sl = np.full(len(new_items), -1, dtype=np.int32)
+            sl[_search.ragged_ranges(start - l0, cap)] = np.repeat(np.arange(n_leaf0, n_leaf0 + len(cap)), cap)
+            self._append("slot_leaf", sl)
+        if "row_slot" in a:
+            if old_pos is None:
+                raise RuntimeError("_graft: the slot maps need the items' previous slots (old_pos)")
+            self._move_slots(local_to_row[placed], old_pos[placed], placed_pos)
         roots = remap(g.roots)
         inner = seg_refs >= 0
         a["children"][seg_refs[inner] // 2, seg_refs[inner] % 2] = roots[inner]
         a["roots"][-1 - seg_refs[~inner]] = roots[~inner]
         n_new = len(g.leaf_count)
-        a["leaf_centroid"] = np.concatenate(
-            [a["leaf_centroid"], np.zeros((n_new, a["leaf_centroid"].shape[1]), np.float32)]
-        )
-        a["leaf_radius"] = np.concatenate([a["leaf_radius"], np.zeros(n_new, np.float32)])
+        self._append("leaf_centroid", np.zeros((n_new, a["leaf_centroid"].shape[1]), np.float32))
+        self._append("leaf_radius", np.zeros(n_new, np.float32))
         self._update_leaf_stats(np.arange(n_leaf0, n_leaf0 + n_new), z)
 
     def _update_leaf_stats(self, leaves: np.ndarray, z_all: np.ndarray | None = None) -> None:
@@ -467,10 +588,13 @@ class HyperplaneForest:
     def add(self, vectors: np.ndarray, ids: Sequence[Any] | np.ndarray) -> None:
         """Insert ``vectors (m, dim)`` with new unique ``ids (m,)`` into every tree, without rebuild.
 
-        Each item descends every tree to a leaf (a refined forest: the leaf with the nearest
-        routing-space centroid); a leaf with spare capacity takes it in place, a full
-        one is moved to the end of ``leaf_items`` with room for ``leaf_size`` items, and a leaf that
-        would exceed ``leaf_size`` is split (2-means hyperplanes, like the build).
+        Rows of removed items are reused first (lowest first); the rest are appended to the row
+        arrays, which grow geometrically (amortised O(m), see ``docs/FOREST.md``). Each item descends
+        every tree to a leaf (a refined forest: the leaf with the nearest routing-space centroid); a
+        leaf with spare capacity takes it in place, a full one is moved to the end of ``leaf_items``
+        with room for ``leaf_size`` items, and a leaf that would exceed ``leaf_size`` is split
+        (2-means hyperplanes, like the build). Cost: O(m * n_trees * depth) plus the touched leaves
+        (a refined forest: one ``(m, n_leaf)`` centroid product instead of the descent).
         """
         t0 = time.perf_counter()
         a = self._arrays()
@@ -489,7 +613,7 @@ class HyperplaneForest:
                 f"{int(found.sum())} ids are already in the forest, e.g. "
                 f"{id_arr[found][:3].tolist()}; remove() them first to replace"
             )
-        self._ensure_mutable()
+        self._prepare_mutation()
         a = self._arrays()
         norms = np.linalg.norm(x, axis=1).astype(np.float32)
         over = int((norms > self.ref_norm).sum()) if self.metric == "dot" else 0
@@ -501,20 +625,15 @@ class HyperplaneForest:
                 self.ref_norm,
                 float(norms.max()),
             )
-        row0 = len(a["vectors"])
-        rows = np.arange(row0, row0 + len(x), dtype=np.int64)
-        a["vectors"] = np.concatenate([a["vectors"], x])
-        a["norms"] = np.concatenate([a["norms"], norms])
-        a["ids"] = np.concatenate([a["ids"], id_arr])
-        a["alive"] = np.concatenate([a["alive"], np.ones(len(x), dtype=bool)])
-        self._rebuild_lookup()
+        rows = self._place_rows(x, norms, id_arr)
         z = items_to_routing(x, self.metric, self.ref_norm)
         # (m * n_trees,), row-major: item then tree; refined leaves no longer follow the tree's
         # hyperplanes, so items go to the nearest leaf centroid (the rule the refinement used)
         leaf = (self._nearest_leaf(z) if self.refine else self._descend(z)).ravel()
         new_rows = np.repeat(rows, self.n_trees)
+        tag = np.tile(_slot_tags(self.n_trees), len(rows))  # placeholder slot of (item, tree)
         order = np.argsort(leaf, kind="stable")
-        leaf, new_rows = leaf[order], new_rows[order]
+        leaf, new_rows, tag = leaf[order], new_rows[order], tag[order]
         touched, first, n_new = np.unique(leaf, return_index=True, return_counts=True)
         count = a["leaf_count"][touched].astype(np.int64)
         fits = count + n_new <= a["leaf_cap"][touched]
@@ -524,6 +643,8 @@ class HyperplaneForest:
             rank = np.arange(len(leaf)) - np.repeat(first, n_new)
             dest = a["leaf_start"][leaf[el]] + a["leaf_count"][leaf[el]] + rank[el]
             a["leaf_items"][dest] = new_rows[el]
+            if "row_slot" in a:
+                self._move_slots(new_rows[el], tag[el], dest)
             a["leaf_count"][touched[fits]] += n_new[fits].astype(np.int32)
             self._update_leaf_stats(touched[fits])
         # 2) regrow the rest: old live items + new ones, split to <= leaf_size per leaf
@@ -531,31 +652,73 @@ class HyperplaneForest:
         if redo.any():
             lv = touched[redo]
             st, ct = a["leaf_start"][lv], a["leaf_count"][lv].astype(np.int64)
-            within = np.arange(int(ct.sum())) - np.repeat(np.cumsum(ct) - ct, ct)
-            old = a["leaf_items"][np.repeat(st, ct) + within].astype(np.int64)
+            old_at = _search.ragged_ranges(st, ct)
+            old = a["leaf_items"][old_at].astype(np.int64)
             old_seg = np.repeat(np.arange(len(lv)), ct)
-            keep = a["alive"][old]
             el = np.repeat(redo, n_new)
             new_seg = np.repeat(np.arange(len(lv)), n_new[redo])
-            all_rows = np.concatenate([old[keep], new_rows[el]])
-            all_seg = np.concatenate([old_seg[keep], new_seg])
+            all_rows = np.concatenate([old, new_rows[el]])
+            all_seg = np.concatenate([old_seg, new_seg])
+            all_old = np.concatenate([old_at, tag[el]])
             o = np.argsort(all_seg, kind="stable")
-            all_rows, all_seg = all_rows[o], all_seg[o]
+            all_rows, all_seg, all_old = all_rows[o], all_seg[o], all_old[o]
             seg_count = np.bincount(all_seg, minlength=len(lv))
             seg_start = np.cumsum(seg_count) - seg_count
-            uniq_rows, local = np.unique(all_rows, return_inverse=True)
-            zl = items_to_routing(a["vectors"][uniq_rows], self.metric, self.ref_norm)
+            # one local index per (item, leaf) pair: a row can be in regrown leaves of several trees
+            zl = items_to_routing(a["vectors"][all_rows], self.metric, self.ref_norm)
+            local = np.arange(len(all_rows), dtype=np.int32)
             rng = np.random.default_rng([self.seed, self.n_adds + 1])
-            self._regrow(lv, local.astype(np.int32), seg_start, seg_count, zl, rng, uniq_rows, tight=False)
+            self._regrow(lv, local, seg_start, seg_count, zl, rng, all_rows, tight=False, old_pos=all_old)
         self.n_adds += 1
         self._cache = {}
+        self._maybe_compact()
         log.debug("added %d items in %.3fs (%d leaves regrown)", len(x), time.perf_counter() - t0, int(redo.sum()))
 
-    def remove(self, ids: Iterable[Any], *, missing_ok: bool = False) -> int:
-        """Mask items (take-downs): they are never returned again. Returns how many were removed.
+    def _place_rows(self, x: np.ndarray, norms: np.ndarray, id_arr: np.ndarray) -> np.ndarray:
+        """Write new items into free rows (lowest first), then append the rest; returns their rows
+        ``(m,) int64`` and records them in the id lookup. Amortised O(m * dim)."""
+        a = self._arrays()
+        free = self._free_rows()
+        reuse, self._free = free[: len(x)], free[len(x) :]
+        k = len(reuse)
+        if k:
+            self._lookup.snapshot(a["ids"])  # the base's keys, read before any of its rows changes id
+            if a["ids"].dtype.kind == "U" and id_arr.dtype.itemsize > a["ids"].dtype.itemsize:
+                self._reallocate("ids", len(a["ids"]), id_arr.dtype)  # wider strings: widen in place
+                a["ids"] = self._buf["ids"][: len(a["ids"])]
+            a["vectors"][reuse], a["norms"][reuse], a["ids"][reuse] = x[:k], norms[:k], id_arr[:k]
+            a["alive"][reuse] = True
+            if "row_slot" in a:
+                a["row_slot"][reuse] = _slot_tags(self.n_trees)
+        row0 = len(a["vectors"])
+        if k < len(x):
+            self._append("vectors", x[k:])
+            self._append("norms", norms[k:])
+            self._append("ids", id_arr[k:])
+            self._append("alive", np.ones(len(x) - k, dtype=bool))
+            if "row_slot" in a:
+                self._append("row_slot", np.tile(_slot_tags(self.n_trees), (len(x) - k, 1)))
+        rows = np.concatenate([reuse, np.arange(row0, row0 + len(x) - k, dtype=np.int64)])
+        self._n_live += len(x)
+        self._lookup.add(id_arr, rows)
+        if self._lookup.needs_merge():
+            self._merge_lookup()
+        return rows
 
-        Unknown ids raise :class:`UnknownIdError` unless ``missing_ok``. Space is reclaimed lazily
-        when a leaf holding removed items is split by :meth:`add`.
+    def _free_rows(self) -> np.ndarray:
+        """Sorted rows of removed items (in no leaf), reused by :meth:`add`."""
+        if self._free is None:
+            self._free = np.flatnonzero(~self._arrays()["alive"]).astype(np.int64)
+        return self._free
+
+    def remove(self, ids: Iterable[Any], *, missing_ok: bool = False) -> int:
+        """Take items out (take-downs, replaced vectors): they are never returned again. Returns how
+        many were removed.
+
+        The items leave their leaves at once (each touched leaf is compacted in place, O(m *
+        n_trees * leaf_size)); their rows are reused by later :meth:`add` calls, and when removed
+        rows pile up (more than 25% of the rows) :meth:`compact` drops them. Unknown ids raise
+        :class:`UnknownIdError` unless ``missing_ok``.
         """
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         rows, found = self._rows_of(arr.ravel())
@@ -566,12 +729,167 @@ class HyperplaneForest:
             )
         if not found.any():
             return 0
-        self._ensure_mutable()
+        self._prepare_mutation()
         a = self._arrays()
         rows = np.unique(rows[found])
         a["alive"][rows] = False
-        self._rebuild_lookup()
+        self._purge_rows(rows)
+        self._lookup.discard(a["ids"][rows])
+        self._n_live -= len(rows)
+        self._free = np.union1d(self._free_rows(), rows)
+        self._cache = {}
+        self._maybe_compact()
         return len(rows)
+
+    # ------------------------------------------------------------------ slot maps and compaction
+    def _slot_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """``row_slot (n_rows, n_trees)``: the ``leaf_items`` positions of each row (-1: none, in no
+        fixed tree order) and ``slot_leaf (L,) int32``: the leaf owning each slot (-1: retired).
+
+        Derived from the leaves on first use (O(L log L): after build, load or compaction), then
+        kept up to date by add / remove, so removals find their slots in O(n_trees)."""
+        a = self._arrays()
+        if "row_slot" not in a:
+            c = a["leaf_count"].astype(np.int64)
+            pos = _search.ragged_ranges(a["leaf_start"], c)
+            rows = a["leaf_items"][pos].astype(np.int64)
+            o = np.argsort(rows, kind="stable")
+            rows, pos = rows[o], pos[o]
+            col = np.arange(len(rows)) - np.searchsorted(rows, rows)
+            if len(col) and int(col.max()) >= self.n_trees:
+                raise ForestError(f"corrupt forest: an item sits in more than n_trees={self.n_trees} leaves")
+            row_slot = np.full((len(a["alive"]), self.n_trees), -1, dtype=_slot_dtype(len(a["leaf_items"])))
+            row_slot[rows, col] = pos
+            cap = a["leaf_cap"].astype(np.int64)
+            live = np.flatnonzero(cap > 0)
+            slot_leaf = np.full(len(a["leaf_items"]), -1, dtype=np.int32)
+            slot_leaf[_search.ragged_ranges(a["leaf_start"][live], cap[live])] = np.repeat(live, cap[live])
+            self._set("row_slot", row_slot)
+            self._set("slot_leaf", slot_leaf)
+        return a["row_slot"], a["slot_leaf"]
+
+    def _move_slots(self, rows: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """Record that the slot ``old[i]`` (a position or a placeholder) of ``rows[i]`` is now ``new[i]``."""
+        if not len(rows):
+            return
+        a = self._arrays()
+        if a["row_slot"].dtype == np.int32 and _slot_dtype(len(a["leaf_items"])) is np.int64:
+            self._set("row_slot", a["row_slot"].astype(np.int64))
+        rs = a["row_slot"]
+        if self.n_trees == 1:
+            rs[rows, 0] = new
+            return
+        hit = rs[rows] == np.asarray(old)[:, None]
+        col = np.argmax(hit, axis=1)
+        if not hit[np.arange(len(rows)), col].all():
+            raise ForestError("internal error: the forest's slot map lost track of an item (please report)")
+        rs[rows, col] = new
+
+    def _purge_rows(self, rows: np.ndarray) -> None:
+        """Take the (already not alive) ``rows`` out of their leaves: each touched leaf keeps its
+        live items in order, packed at its start; centroids and radii of the touched leaves are
+        recomputed. O(len(rows) * n_trees * leaf_size)."""
+        a = self._arrays()
+        row_slot, slot_leaf = self._slot_maps()
+        s = row_slot[rows].ravel()
+        s = s[s >= 0]
+        if not len(s):
+            return
+        leaves = np.unique(slot_leaf[s])
+        st, ct = a["leaf_start"][leaves], a["leaf_count"][leaves].astype(np.int64)
+        pos = _search.ragged_ranges(st, ct)
+        items = a["leaf_items"][pos].astype(np.int64)
+        keep = a["alive"][items]
+        kc = np.bincount(np.repeat(np.arange(len(leaves)), ct)[keep], minlength=len(leaves))
+        new_pos = _search.ragged_ranges(st, kc)
+        kept, old_pos = items[keep], pos[keep]
+        a["leaf_items"][new_pos] = kept
+        moved = old_pos != new_pos
+        self._move_slots(kept[moved], old_pos[moved], new_pos[moved])
+        a["leaf_count"][leaves] = kc
+        row_slot[items[~keep]] = -1
+        self._update_leaf_stats(leaves[kc > 0])
+
+    def _unused_slots(self) -> int:
+        """Slots of ``leaf_items`` that belong to no leaf (retired by regrowth)."""
+        a = self._arrays()
+        return len(a["leaf_items"]) - int(a["leaf_cap"].sum(dtype=np.int64))
+
+    def _maybe_compact(self) -> None:
+        """Compact when dead rows or unused slots exceed their fraction (amortised O(1) per removal:
+        a compaction costs O(n * dim + L) and follows at least ``_COMPACT_DEAD * n`` removals)."""
+        a = self._arrays()
+        dead = len(a["alive"]) - self._n_live
+        unused = self._unused_slots()
+        if (dead >= _COMPACT_MIN and dead > _COMPACT_DEAD * len(a["alive"])) or (
+            unused >= _COMPACT_MIN and unused > _COMPACT_SLOTS * len(a["leaf_items"])
+        ):
+            self.compact()
+
+    def compact(self) -> dict[str, int]:
+        """Drop the rows of removed items and the unused ``leaf_items`` slots now, renumbering rows
+        (order kept) and slots. Queries answer exactly as before. O(n * dim + L); runs by itself
+        when dead rows exceed 25% of the rows or unused slots 50% of the slots.
+
+        Returns ``{"rows_dropped": ..., "slots_dropped": ...}``."""
+        t0 = time.perf_counter()
+        self._prepare_mutation()
+        self._merge_lookup()
+        rows_dropped = self._compact_rows()
+        slots_dropped = self._compact_slots()
+        self._cache = {}
+        self.compactions += 1
+        log.info(
+            "compacted forest: dropped %d dead rows and %d unused leaf slots in %.3fs (%d items, %d bytes held)",
+            rows_dropped,
+            slots_dropped,
+            time.perf_counter() - t0,
+            len(self),
+            self.nbytes,
+        )
+        return {"rows_dropped": rows_dropped, "slots_dropped": slots_dropped}
+
+    def _compact_rows(self) -> int:
+        """Keep only alive rows (in order) in the row arrays; renumber leaves, lookup, slot maps."""
+        a = self._arrays()
+        keep = np.array(a["alive"], dtype=bool)
+        n_old = len(keep)
+        if keep.all():
+            return 0
+        new_of_old = np.full(n_old, -1, dtype=np.int64)
+        new_of_old[keep] = np.arange(int(keep.sum()))
+        for name in _ROW_ARRAYS + (("row_slot",) if "row_slot" in a else ()):
+            self._set(name, a[name][keep])
+        li = a["leaf_items"]
+        out = np.full(len(li), -1, dtype=np.int32)
+        ok = li >= 0  # slots beyond a leaf's count may hold stale rows: they are remapped or cleared
+        out[ok] = new_of_old[li[ok]]
+        self._set("leaf_items", out)
+        self._set("lookup_rows", self._lookup.renumber(new_of_old))
+        self._free = np.zeros(0, np.int64)
+        return n_old - len(a["alive"])
+
+    def _compact_slots(self) -> int:
+        """Repack ``leaf_items`` to the leaves with capacity (in leaf order); retired leaves get start 0."""
+        a = self._arrays()
+        unused = self._unused_slots()
+        if not unused:
+            return 0
+        cap = a["leaf_cap"].astype(np.int64)
+        live = np.flatnonzero(cap > 0)
+        old = _search.ragged_ranges(a["leaf_start"][live], cap[live])
+        pos_map = np.full(len(a["leaf_items"]), -1, dtype=np.int64)
+        pos_map[old] = np.arange(len(old))
+        self._set("leaf_items", a["leaf_items"][old])
+        start = np.zeros(len(cap), dtype=np.int64)
+        start[live] = np.cumsum(cap[live]) - cap[live]
+        a["leaf_start"][:] = start
+        if "row_slot" in a:
+            rs = a["row_slot"]
+            has = rs >= 0
+            rs[has] = pos_map[rs[has]]
+            self._set("slot_leaf", a["slot_leaf"][old])
+        return unused
 
     # ------------------------------------------------------------------ queries
     def _banned_keys(self, exclude: Any, nq: int) -> tuple[np.ndarray | None, np.ndarray]:
@@ -603,29 +921,14 @@ class HyperplaneForest:
             self._cache["live_leaves"] = int(np.count_nonzero(self._arrays()["leaf_count"]))
         return self.n_trees <= 2 or self._cache["live_leaves"] <= _SCAN_RATIO * search_k
 
-    def _slot_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, slots, slot_leaf)``: every used leaf slot sorted by item row, and each slot's leaf."""
-        if "slots" not in self._cache:
-            a = self._arrays()
-            c = a["leaf_count"].astype(np.int64)
-            leaf = np.repeat(np.arange(len(c)), c)
-            pos = _search.ragged_ranges(a["leaf_start"], c)
-            slot_leaf = np.full(len(a["leaf_items"]), -1, dtype=np.int64)
-            slot_leaf[pos] = leaf
-            rows = a["leaf_items"][pos].astype(np.int64)
-            o = np.argsort(rows, kind="stable")
-            self._cache["slots"] = (rows[o], pos[o], slot_leaf)
-        return self._cache["slots"]
-
     def _slots_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For item ``rows``: ``(which, leaf, col)`` = index into ``rows``, leaf and position in it."""
-        srows, sslots, slot_leaf = self._slot_index()
-        lo = np.searchsorted(srows, rows, side="left")
-        hi = np.searchsorted(srows, rows, side="right")
-        n = hi - lo
-        which = np.repeat(np.arange(len(rows)), n)
-        slot = sslots[_search.ragged_ranges(lo, n)]
-        leaf = slot_leaf[slot]
+        """For item ``rows``: ``(which, leaf, col)`` = index into ``rows``, leaf and position in it.
+        O(len(rows) * n_trees) with the slot maps (see :meth:`_slot_maps`)."""
+        row_slot, slot_leaf = self._slot_maps()
+        rs = row_slot[np.asarray(rows, dtype=np.int64)]
+        which, _t = np.nonzero(rs >= 0)
+        slot = rs[which, _t].astype(np.int64)
+        leaf = slot_leaf[slot].astype(np.int64)
         return which, leaf, slot - self._arrays()["leaf_start"][leaf]
 
     def _rerank_terms(self) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -642,7 +945,14 @@ class HyperplaneForest:
         return self._cache["terms"]
 
     def _scan_block(
-        self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int, banned: np.ndarray | None, alive: np.ndarray
+        self,
+        q: np.ndarray,
+        qr: np.ndarray,
+        k: int,
+        search_k: int,
+        banned: np.ndarray | None,
+        alive: np.ndarray,
+        kill: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Leaf-scan search of a query block (``search.scan_leaves`` + ``search.grouped_rerank``).
 
@@ -702,7 +1012,9 @@ class HyperplaneForest:
         # leaves are ordered by size (``rank``) so that each re-rank chunk holds leaves of similar
         # sizes: its score buffer is padded to its own largest leaf, not to the largest of all
         if "leaf_rank" not in self._cache:
-            by_size = np.argsort(count, kind="stable")
+            # counts <= leaf_size: a 16-bit stable sort is numpy's O(n) radix sort (same order)
+            small = self.leaf_size < 1 << 16
+            by_size = np.argsort(count.astype(np.uint16) if small else count, kind="stable")
             rank = np.empty(len(count), dtype=np.int64)
             rank[by_size] = np.arange(len(count))
             self._cache["leaf_rank"] = rank
@@ -712,9 +1024,8 @@ class HyperplaneForest:
         spq, spl, srk = pq[perm], pl[perm], rk[perm]
         kp: list[np.ndarray] = []
         kc: list[np.ndarray] = []
-        dead = np.flatnonzero(~alive)
-        if len(dead):
-            _w, leaf, col = self._slots_of(dead)
+        if len(kill):  # items in leaves that may not be returned (denied; removed, in old files)
+            _w, leaf, col = self._slots_of(kill)
             lo = np.searchsorted(srk, rank[leaf], side="left")
             n = np.searchsorted(srk, rank[leaf], side="right") - lo
             kp.append(_search.ragged_ranges(lo, n))
@@ -739,10 +1050,19 @@ class HyperplaneForest:
         return _search.topk_ragged(sq, si, ss, nq, k, self.n_trees)
 
     def _search_block(
-        self, q: np.ndarray, qr: np.ndarray, k: int, search_k: int, banned: np.ndarray | None, alive: np.ndarray
+        self,
+        q: np.ndarray,
+        qr: np.ndarray,
+        k: int,
+        search_k: int,
+        banned: np.ndarray | None,
+        alive: np.ndarray,
+        kill: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One block of queries; ``alive (n_rows,)``: eligible rows; ``kill``: the rows in leaves
+        that are not eligible (denied ones; a forest saved by older code: also removed ones)."""
         if self._use_scan(search_k):
-            return self._scan_block(q, qr, k, search_k, banned, alive)
+            return self._scan_block(q, qr, k, search_k, banned, alive, kill)
         a = self._arrays()
         mean_leaf = max(1.0, float(np.mean(a["leaf_count"][a["leaf_cap"] > 0])) if len(a["leaf_cap"]) else 1.0)
         beam = max(self.n_trees, int(np.ceil(self.beam_factor * search_k / mean_leaf)))
@@ -833,12 +1153,16 @@ class HyperplaneForest:
         nq = len(q)
         banned, n_banned = self._banned_keys(exclude, nq)
         alive = a["alive"]
+        kill = np.zeros(0, dtype=np.int64)
         if deny is not None:
             drows, dfound = self._rows_of(np.asarray(list(deny)))
             if dfound.any():
+                kill = np.unique(drows[dfound])
                 alive = alive.copy()
-                alive[drows[dfound]] = False
-        n_eligible = int(alive.sum())
+                alive[kill] = False
+        n_eligible = len(self) - len(kill)
+        if self._dead_in_leaves:
+            kill = np.union1d(kill, np.flatnonzero(~a["alive"]))
         want = np.minimum(k, np.maximum(n_eligible - n_banned, 0))
         qr = queries_to_routing(q, self.metric)
         rows = np.full((nq, k), -1, dtype=np.int64)
@@ -847,7 +1171,7 @@ class HyperplaneForest:
         for b0 in range(0, nq, batch_size):
             b1 = min(b0 + batch_size, nq)
             sub = self._sub_banned(banned, b0, b1, len(alive))
-            r, _, found = self._search_block(q[b0:b1], qr[b0:b1], k, search_k, sub, alive)
+            r, _, found = self._search_block(q[b0:b1], qr[b0:b1], k, search_k, sub, alive, kill)
             rows[b0:b1] = r
             short = np.flatnonzero(found < want[b0:b1])
             sk = search_k
@@ -856,7 +1180,8 @@ class HyperplaneForest:
                     break
                 sk *= 4
                 qi = short + b0
-                r, _, found = self._search_block(q[qi], qr[qi], k, sk, self._pick_banned(banned, qi, len(alive)), alive)
+                sub = self._pick_banned(banned, qi, len(alive))
+                r, _, found = self._search_block(q[qi], qr[qi], k, sk, sub, alive, kill)
                 rows[qi] = r
                 short = short[found < want[qi]]
             if len(short):
@@ -925,10 +1250,16 @@ class HyperplaneForest:
             "refine": self.refine,
             "ref_norm": self.ref_norm,
             "n_adds": self.n_adds,
+            # removed items are out of the leaves (older files may still hold them there, masked)
+            "leaves_hold_live_items_only": not self._dead_in_leaves,
         }
 
     def save(self, directory: str | os.PathLike[str], prefix: str = "forest") -> list[Path]:
-        """Write plain ``.npy`` arrays and ``<prefix>.json`` into ``directory``; returns the paths."""
+        """Write plain ``.npy`` arrays and ``<prefix>.json`` into ``directory``; returns the paths.
+
+        Only the used rows are written (not the spare capacity); the id lookup's recent inserts are
+        merged into ``lookup_rows`` first. Rows of removed items are written with ``alive`` false."""
+        self._merge_lookup()
         paths = save_arrays(directory, prefix, self._arrays(), self._meta())
         log.info("saved forest (%d items, %d bytes) to %s/%s.*", len(self), self.nbytes, directory, prefix)
         return paths
@@ -962,4 +1293,10 @@ class HyperplaneForest:
             f._a["leaf_centroid"] = np.zeros((n_leaf, rdim), np.float32)
             f._a["leaf_radius"] = np.zeros(n_leaf, np.float32)
             f._update_leaf_stats(np.arange(n_leaf))
+        if not mmap:
+            f._buf = dict(f._a)
+        f._n_live = len(f._a["lookup_rows"])
+        f._lookup = IdLookup(f._a["lookup_rows"])
+        f._free = None  # derived from alive on the first add
+        f._dead_in_leaves = not meta.get("leaves_hold_live_items_only", False) and not bool(f._a["alive"].all())
         return f
