@@ -288,5 +288,7 @@ def test_console_routes_answer_json_and_the_page_is_locked_down(kafka_bootstrap,
         assert worker.get("/console/takedowns.json") == {"total": 0, "tracks": []}
         assert worker.get("/console/workers.json")["topic"] == prefix + "plays"
         assert worker.request("/console/nope.json")[0] == 404
+        served = worker.get("/openapi.json")
+        assert served["openapi"].startswith("3.") and "/console/live.json" in served["paths"]
     finally:
         worker.stop()
