@@ -20,6 +20,7 @@ import collections
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable
 from importlib import resources
@@ -221,9 +222,14 @@ class ModelSummaries:
     def __init__(self, store: Any) -> None:
         self.store = store
         self._cache: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # requests read in executor threads
 
     def read(self) -> tuple[list[dict[str, Any]], str | None]:
         """(summaries newest first, CURRENT or None); reads the disk: call it off the event loop."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> tuple[list[dict[str, Any]], str | None]:
         versions = self.store.versions()
         for gone in set(self._cache) - set(versions):  # pruned
             del self._cache[gone]

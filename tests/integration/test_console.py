@@ -286,6 +286,7 @@ def test_console_routes_answer_json_and_the_page_is_locked_down(kafka_bootstrap,
             assert response.headers.get_content_type() == "text/html"
         assert "script-src 'self'" in headers["Content-Security-Policy"]
         assert headers["X-Content-Type-Options"] == "nosniff"
+        assert worker.request("/", "HEAD")[0] == 200 and worker.request("/console/console.js", "HEAD")[0] == 200
         model = worker.get("/console/model.json")
         assert model == {"serving": None, "current": None, "new_tracks": 0, "versions": []}
         live = worker.get("/console/live.json")
