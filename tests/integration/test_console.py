@@ -249,10 +249,12 @@ def test_console_in_a_real_browser(kafka_bootstrap, tmp_path, chromium):
             assert problems == [], problems
             foreign = [url for url in browser.requests() if not url.startswith(a.url("/"))]
             assert foreign == [], f"the page fetched from elsewhere: {foreign}"
+            target_path = os.environ.get("PLAYREC_CONSOLE_SCREENSHOT")
+            if target_path:  # the README's picture: let the charts fill (a minute of samples) first
+                browser.wait_for(js("Number($('#chart-events').dataset.points) >= 25"), 120, "a minute of samples")
             shot = browser.screenshot(tmp_path / "console.png", full_page=True)
             assert png_size(shot)[0] == 1280
         browser_s = time.monotonic() - began - setup_s
-        target_path = os.environ.get("PLAYREC_CONSOLE_SCREENSHOT")
         if target_path:
             save_screenshot(shot, ROOT / target_path)
         print(f"console test: setup {setup_s:.1f} s, browser {browser_s:.1f} s")
