@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= $(or $(PLAYREC_DATA),../shared/data)
 
-.PHONY: venv test lint demo bench soak soak-takeover clean
+.PHONY: venv test lint demo bench soak soak-takeover screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# DEMO_ARGS=--hold keeps the worker (and its console, http://127.0.0.1:PORT/console) up after the demo
 demo: $(STAMP)
-	$(VENV)/bin/playrec demo --data $(DATA)
+	$(VENV)/bin/playrec demo --data $(DATA) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
@@ -39,6 +40,10 @@ soak: $(STAMP)
 # take-over soak: 50 kill -9 cycles of one of two workers under a steady replay (TAKEOVER_ARGS="--seed N")
 soak-takeover: $(STAMP)
 	$(PY) benchmarks/soak.py --cycles 50 $(TAKEOVER_ARGS)
+
+# the README's screenshot of the operator's console, taken by its browser test (tests/integration/test_console.py)
+screenshot: $(STAMP)
+	PLAYREC_CONSOLE_SCREENSHOT=docs/img/console.png $(PY) -m pytest -q tests/integration/test_console.py -k real_browser
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

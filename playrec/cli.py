@@ -534,6 +534,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=Path(".demo/store"), help="model store (default .demo/store)")
     parser.add_argument("--iterations", type=int, default=15, help="ALS iterations (default 15)")
     parser.add_argument("--port", type=int, default=0, help="the demo worker's HTTP port (default: a free one)")
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep the broker and the worker running after the demo, to browse the operator's console (Ctrl-C stops)",
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@
 4. replay Last.fm plays as background load,
 5. stream a new listener's first plays and print their recommendations as they change,
 6. let a brand-new artist gather listeners and show it becoming recommendable.
+
+The worker's operator console (docs/CONSOLE.md) is at the URL printed once it is ready; `--hold` keeps
+the broker and the worker running after the script, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -154,10 +157,29 @@ def run(args: argparse.Namespace) -> int:
                 stderr=subprocess.STDOUT,
             )
             try:
-                return _stream(bootstrap, prefix, port, worker, worker_log, favourites, label, path)
+                code = _stream(bootstrap, prefix, port, worker, worker_log, favourites, label, path)
+                if getattr(args, "hold", False) and code == 0:
+                    _hold(port, worker)
+                else:
+                    print("stopping the worker and the broker")
+                return code
             finally:
                 worker.terminate()
                 worker.wait(30)
+
+
+def _hold(port: int, worker: subprocess.Popen) -> None:
+    """Keep the broker and the worker up (for the console) until Ctrl-C or the worker exits."""
+    print(f"\nholding: the operator console stays at http://127.0.0.1:{port}/console; Ctrl-C stops")
+    try:
+        while worker.poll() is None:
+            try:
+                worker.wait(3600)
+            except subprocess.TimeoutExpired:
+                continue
+        print(f"the worker exited ({worker.returncode})")
+    except KeyboardInterrupt:
+        print("\nstopping the worker and the broker")
 
 
 def _stream(bootstrap, prefix, port, worker, worker_log, favourites, label, path) -> int:
@@ -176,6 +198,7 @@ def _stream(bootstrap, prefix, port, worker, worker_log, favourites, label, path
 
     wait_until(ready, 120, "the stream worker")
     print(f"stream worker ready on {base} (log: {worker_log})")
+    print(f"operator console: {base}/console  (live charts, the model, a user lookup; `--hold` keeps it up)")
     load = threading.Thread(
         target=run_replay,
         kwargs={
@@ -233,6 +256,6 @@ def _stream(bootstrap, prefix, port, worker, worker_log, favourites, label, path
     processed = next(
         line.split()[-1] for line in metrics.splitlines() if line.startswith("playrec_events_processed_total")
     )
-    print(f"\nthe worker applied {float(processed):,.0f} play events; stopping the worker and the broker")
+    print(f"\nthe worker applied {float(processed):,.0f} play events")
     producer.close()
     return 0

@@ -58,6 +58,12 @@ class WorkerMetrics:
             "playrec_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.lag = Gauge("playrec_consumer_lag", "Play events behind the end of the assigned partitions", registry=r)
+        self.partition_lag = Gauge(
+            "playrec_consumer_partition_lag",
+            "Play events behind the end of one assigned partition of plays (its committed offset to its end)",
+            ["partition"],
+            registry=r,
+        )
         self.model_loads = Counter("playrec_model_loads", "Model versions loaded (start-up and hot swaps)", registry=r)
         self.new_tracks = Gauge("playrec_new_tracks", "Tracks folded in since the model was loaded", registry=r)
         self.restored = Gauge(

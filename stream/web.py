@@ -6,6 +6,8 @@
     GET  /tracks/{track}/similar?k=10
     POST /recommendations            {"tracks": [...]} or {"plays": {track: count}}, "k": 10
     GET  /health  /ready  /metrics
+    GET  /openapi.json                   an OpenAPI 3 document of every route (stream/openapi.py)
+    GET  /  /console  /console/*         the operator's console (stream/console.py, docs/CONSOLE.md)
 
 User routes are answered by the worker that owns the user's partition; a request reaching another
 worker is forwarded there. Unknown tracks are 404, bad parameters 400 with a message.
@@ -68,6 +70,8 @@ def parse_bool(request: web.Request, name: str, default: bool) -> bool:
 def register_views(worker: StreamWorker) -> None:
     """Attach the API (and the admin routes, stream.admin) to `worker.app`."""
     from stream.admin import register_admin_views
+    from stream.console import register_console_views
+    from stream.openapi import openapi_document
 
     register_admin_views(worker)
     app = worker.app
@@ -243,6 +247,13 @@ def register_views(worker: StreamWorker) -> None:
     class Metrics(Api):
         async def get(self, request: web.Request) -> web.Response:
             return self.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/openapi.json")
+    class OpenApi(Api):
+        async def get(self, request: web.Request) -> web.Response:
+            return self.json(openapi_document())
+
+    register_console_views(worker, Api)
 
 
 class NotReadyError(RuntimeError):

@@ -236,6 +236,9 @@ class StreamWorker:
         self.metrics.watch_source_replay(self.source_replay)
         #: track -> taken down (True) or restored (False), as the compacted take-down topic says
         self.takedowns: dict[str, bool] = {}
+        #: track -> the reason given with its latest take-down (shown by the operator's console)
+        self.takedown_reasons: dict[str, str] = {}
+        self._lag_partitions: set[int] = set()  # partitions with a `playrec_consumer_partition_lag` series
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.timer(CURRENT_POLL_S)(self.poll_current)
         app.timer(2.0)(self.update_lag)
@@ -995,6 +998,7 @@ class StreamWorker:
                 await self._dead_letter_broadcast(record, f"take-down: {reason}")
                 continue
             changed[takedown.track] = takedown.taken_down
+            self.takedown_reasons[takedown.track] = takedown.reason if takedown.taken_down else ""
         self.takedowns.update(changed)
         live = self.live
         if live is not None:
@@ -1034,9 +1038,17 @@ class StreamWorker:
         try:
             consumer = self.app.consumer
             assigned = [tp for tp in consumer.assignment() if tp.topic == self.topics.plays]
-            highwater = sum(consumer.highwater(tp) or 0 for tp in assigned)
-            committed = sum(consumer._committed_offset.get(tp) or 0 for tp in assigned)
-            self.metrics.lag.set(max(0, highwater - committed))
+            lags = {
+                tp.partition: max(0, (consumer.highwater(tp) or 0) - (consumer._committed_offset.get(tp) or 0))
+                for tp in assigned
+            }
+            self.metrics.lag.set(sum(lags.values()))
+            gauge = self.metrics.partition_lag
+            for partition in self._lag_partitions - lags.keys():  # revoked since the last update
+                gauge.remove(str(partition))
+            for partition, lag in lags.items():
+                gauge.labels(str(partition)).set(lag)
+            self._lag_partitions = set(lags)
         except Exception:  # metrics must never break the worker
             log.debug("lag update failed", exc_info=True)
 

@@ -97,6 +97,7 @@ class Replay:
     started: float = 0.0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> Replay:
         threading.Thread(target=self._run, daemon=True, name="replay").start()
@@ -107,6 +108,8 @@ class Replay:
         try:
             self.started = time.monotonic()
             for key, value in self.records:
+                if self.stopping.is_set():
+                    break
                 self.paced()
                 partition = None if self.partition_of is None else self.partition_of(self.sent)
                 producer.send(self.topic, key=key, value=value, partition=partition)
@@ -117,6 +120,10 @@ class Replay:
         finally:
             producer.close()
             self.done.set()
+
+    def stop(self) -> None:
+        """Send no more records (those sent are flushed)."""
+        self.stopping.set()
 
     def paced(self) -> None:
         """Sleep until the next record is due (the replay's rate)."""

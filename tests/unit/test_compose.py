@@ -448,6 +448,69 @@ def check_jobs(doc: dict) -> list[str]:
     return problems
 
 
+def check_monitoring(doc: dict) -> list[str]:
+    """Prometheus scrapes every worker's /metrics at its service address, Grafana is provisioned with that
+    Prometheus and the playrec dashboard: every bind-mounted file exists in the repository."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse the monitoring files")
+
+    def read(path: str) -> str | None:
+        full = ROOT / path
+        return full.read_text() if full.is_file() else None
+
+    svcs = services(doc)
+    problems = []
+    for name in ("prometheus", "grafana"):
+        if name not in svcs:
+            problems.append(f"no {name} service")
+    if problems:
+        return problems
+    binds: dict[str, dict[str, str]] = {}
+    for name in ("prometheus", "grafana"):
+        binds[name] = {}
+        for kind, source, target in mounts(svcs[name]):
+            if kind != "bind":
+                continue
+            relative = source.removeprefix("./")
+            binds[name][target] = relative
+            if read(relative) is None and not (ROOT / relative).is_dir():
+                problems.append(f"{name}: {source} (mounted at {target}) is not in the repository")
+    config_path = binds["prometheus"].get("/etc/prometheus/prometheus.yml")
+    config = yaml.safe_load(read(config_path) or "{}") if config_path else None
+    if not config:
+        return [*problems, "prometheus: no /etc/prometheus/prometheus.yml mounted from the repository"]
+    ws = workers(doc)
+    wanted = {
+        f"{name}:{option(command(w), '--port') or environment(w).get('PLAYREC_PORT') or '6066'}"
+        for name, w in ws.items()
+    }
+    jobs = config.get("scrape_configs") or []
+    scraped = {
+        target
+        for job in jobs
+        if job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job.get("static_configs") or []
+        for target in static.get("targets") or []
+    }
+    if scraped != wanted:
+        problems.append(f"prometheus scrapes {sorted(scraped)} at /metrics; the workers are {sorted(wanted)}")
+    grafana = binds["grafana"]
+    provisioning, dashboards = grafana.get("/etc/grafana/provisioning"), grafana.get("/var/lib/grafana/dashboards")
+    if provisioning is None or dashboards is None:
+        return [*problems, "grafana: provisioning and dashboards are not both mounted from the repository"]
+    sources = yaml.safe_load(read(f"{provisioning}/datasources/prometheus.yml") or "{}") or {}
+    prometheus_port = str(svcs["prometheus"].get("ports", ["9090:9090"])[0]).rsplit(":", 1)[1]
+    urls = [d.get("url") for d in sources.get("datasources") or [] if d.get("type") == "prometheus"]
+    if urls != [f"http://prometheus:{prometheus_port}"]:
+        problems.append(f"grafana's Prometheus data source is {urls}, not http://prometheus:{prometheus_port}")
+    providers = yaml.safe_load(read(f"{provisioning}/dashboards/playrec.yml") or "{}") or {}
+    paths = [(p.get("options") or {}).get("path") for p in providers.get("providers") or []]
+    if paths != ["/var/lib/grafana/dashboards"]:
+        problems.append(f"grafana loads dashboards from {paths}, not the mounted /var/lib/grafana/dashboards")
+    if read(f"{dashboards}/playrec.json") is None:
+        problems.append(f"no dashboard {dashboards}/playrec.json")
+    return problems
+
+
 # -- tests on the real files ----------------------------------------------------------------------
 def compose_cli() -> list[str] | None:
     """`docker compose` (the v2 plugin) when it runs here, else None."""
@@ -496,6 +559,10 @@ def test_workers(compose):
 
 def test_init_and_retrain(compose):
     assert check_jobs(compose) == []
+
+
+def test_monitoring(compose):
+    assert check_monitoring(compose) == []
 
 
 def test_table_store_is_one_faust_knows(compose):
@@ -607,6 +674,21 @@ BROKEN = {
     "a retrain period it cannot read": (check_jobs, _replace_in_command("retrain", "6h", "6 hours")),
     "retrain under another app id": (check_jobs, _replace_in_command("retrain", "playrec", "playrec2")),
     "init without a profile": (check_jobs, lambda d: d["services"]["init"].pop("profiles")),
+    "a worker Prometheus does not scrape": (
+        check_monitoring,
+        lambda d: d["services"].update({"worker-3": {**d["services"]["worker-2"], "hostname": "worker-3"}}),
+    ),
+    "a worker on a port Prometheus does not scrape": (check_monitoring, _set_env("worker-1", "PLAYREC_PORT", "7000")),
+    "a monitoring file missing from the repository": (
+        check_monitoring,
+        lambda d: d["services"]["prometheus"]["volumes"].__setitem__(
+            0, "./deploy/nope.yml:/etc/prometheus/prometheus.yml"
+        ),
+    ),
+    "grafana without its dashboards": (
+        check_monitoring,
+        lambda d: d["services"]["grafana"]["volumes"].pop(1),
+    ),
 }
 
 
