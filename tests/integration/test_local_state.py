@@ -288,9 +288,11 @@ def test_changelog_emptied_while_the_workers_run(kafka_bootstrap, tmp_path):
         second = WorkerProcess(kafka_bootstrap, store.root, prefix, app_id, tmp_path / "b", table_store=None)
         wait_for(lambda: both_ready(first, second), 120, "two workers splitting the partitions")
         wait_for(
-            lambda: first.metric("playrec_partitions_restored_from_source")
-            + second.metric("playrec_partitions_restored_from_source")
-            == PARTITIONS,
+            lambda: (
+                first.metric("playrec_partitions_restored_from_source")
+                + second.metric("playrec_partitions_restored_from_source")
+                == PARTITIONS
+            ),
             90,
             "every emptied partition restored",
         )
