@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..integration.test_real_data import LASTFM
-from .week import InvariantError, Queries, Week
+from .week import Queries, Week
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "RELIABILITY.md"
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nights", type=int, default=20, help="days (and nights) to run (default 20)")
     parser.add_argument("--scale", type=float, default=3.5, help="plays per day x ~14,000 (default 3.5)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the plays and the faults (default: random)")
-    parser.add_argument("--root", type=Path, default=None, help="working directory (default: a temporary one)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="working directory (default: a new temporary one, kept on a failure)"
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
     args = parser.parse_args(argv)
     if not LASTFM.is_file():
@@ -90,23 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     faults = random.Random(seed).choices(FAULTS, k=args.nights)
     print(f"soak seed {seed}: {args.nights} nights at scale {args.scale}, faults {faults}", flush=True)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="playrec-soak-") as tmp:
-        week = Week(args.root or Path(tmp), LASTFM, scale=args.scale, seed=seed)
-        queries = None
-        try:
-            week.start()
-            queries = Queries(week).start()
-            for day, fault in enumerate(faults, start=1):
-                week.run_day(day, fault, queries)
+    root = args.root or Path(tempfile.mkdtemp(prefix="playrec-soak-"))
+    week = Week(root, LASTFM, scale=args.scale, seed=seed)
+    queries = None
+    try:
+        week.start()
+        queries = Queries(week).start()
+        for day, fault in enumerate(faults, start=1):
+            week.run_day(day, fault, queries)
+        queries.close()
+        week.check_queries("the end", queries)
+    except AssertionError as exc:  # an InvariantError, or a deadline of the scenario itself
+        print(f"soak seed {seed} FAILED: {exc}\nworker logs and the broker's data are kept in {root}", file=sys.stderr)
+        return 1
+    finally:
+        if queries is not None:
             queries.close()
-            week.check_queries("the end", queries)
-        except InvariantError as exc:
-            print(f"soak seed {seed} FAILED: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            if queries is not None:
-                queries.close()
-            week.close()
+        week.close()
+    if args.root is None:
+        shutil.rmtree(root, ignore_errors=True)
     text = summary(week.figures, queries, seed, args, time.monotonic() - started)
     print(json.dumps(week.figures))
     print(text)
