@@ -226,6 +226,7 @@ class BatchingConsumerMixin:
             await super().perform_seek()  # type: ignore[misc]
             return
         assignment = set(me.assignment())
+        generation = me.app.consumer_generation_id
         sinks = _sinks(me.app)
         held = {tp for tp in assignment if tp.topic in sinks and tp in me._get_active_partitions()}
         self._ingest_epoch += 1
@@ -243,7 +244,10 @@ class BatchingConsumerMixin:
                     log.info("reading %s[%d] again from offset %d", tp.topic, tp.partition, offset)
                     await me.seek(tp, offset)
         finally:
-            me.resume_partitions(held)
+            # only in the same generation: a rebalance that started meanwhile paused them for itself (and
+            # may move them); resuming them here let records flow for partitions on their way out
+            if me.app.consumer_generation_id == generation and not self._ingest_suspended:
+                me.resume_partitions(held & set(me.assignment()))
 
     # ---------------------------------------------------------------- drain loop
     async def _drain_messages(self, fetcher: Any) -> None:
