@@ -246,3 +246,31 @@ def test_a_kill_between_the_statistics_and_the_listener_rows_counts_every_listen
     vector, body = last_vector(worker, "n8")
     assert body["listeners"] == 9
     assert relative_error(vector, half_step(worker, x, counts)) < 1e-4
+
+
+def test_a_track_solved_at_5_listeners_is_solved_again_over_1000(worker):
+    """Issue #20 test 2: the vector after 1,000 listeners differs from the one after the first 5 and equals
+    the item half-step over those 1,000 (the doubling schedule, then the timer's exact re-solve)."""
+    live = worker.live
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal((1000, live.k)) * 0.3).astype(np.float32)
+    counts = rng.integers(1, 30, 1000)
+
+    async def listen(lo: int, hi: int) -> None:
+        await worker.on_track_plays(
+            [track_play("grower", f"g{i}", int(counts[i]), x[i], live.version, i) for i in range(lo, hi)]
+        )
+
+    asyncio.run(listen(0, 5))
+    after_5, body = last_vector(worker, "grower")
+    assert body["listeners"] == 5
+    np.testing.assert_allclose(after_5, half_step(worker, x[:5], counts[:5]), rtol=1e-4, atol=1e-6)
+    for lo in range(5, 1000, 199):
+        asyncio.run(listen(lo, min(lo + 199, 1000)))
+    asyncio.run(worker.resolve_tracks())
+    after_1000, body = last_vector(worker, "grower")
+    assert body["listeners"] == 1000
+    assert relative_error(after_1000, after_5) > 0.05
+    assert relative_error(after_1000, half_step(worker, x, counts)) < 1e-4
+    solves = [b["listeners"] for b in worker.published if b["track"] == "grower"]
+    assert solves == sorted(solves) and len(solves) <= 10, solves  # 5, the doublings, then all 1,000
