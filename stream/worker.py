@@ -389,7 +389,7 @@ class StreamWorker:
             if self._refold_stop or self.live is not live:  # revoked (or swapped again) while solving
                 continue
             assigned = set(self.assigned_partitions())
-            entries, olds, news = [], [], []
+            entries, stamps, olds, news = [], [], [], []
             for user, state in states.items():
                 key = user.encode()
                 partition = self.partitioner(key)
@@ -407,6 +407,7 @@ class StreamWorker:
                     olds.append(np.zeros(live.k, np.float32) if old is None else old)
                     news.append(vector)
                 entries.append((key, pack_user(new), partition))
+                stamps.append(state.stamp())
             if news:  # (additive: its order against a concurrent fold-in's update does not matter)
                 live.users_moved(np.stack(olds), np.stack(news))
             # the new tracks they streamed are solved again from the new vectors: durable before the rows,
@@ -418,8 +419,20 @@ class StreamWorker:
                     counts = self.user_state(user).counts
                     updates.append((user, counts, vectors[user], counts))
             await self._deliver_listener_updates(live, updates)
-            await self.user_writer.write(entries)  # stored in changelog order: a later fold-in of a user lands after
-            written += len(entries)
+
+            def unchanged(entries=entries, stamps=stamps) -> list[tuple[bytes, bytes, int]]:
+                """The rows of users with no plays counted since they were read: plays counted during the
+                awaits above are written by their fold-in, and this older row must not land after it."""
+                kept = []
+                for entry, stamp in zip(entries, stamps, strict=True):
+                    try:
+                        if self.user_state(entry[0].decode()).stamp() == stamp:
+                            kept.append(entry)
+                    except UserStateError:
+                        pass
+                return kept
+
+            written += await self.user_writer.write_current(unchanged)
             self.metrics.user_fold_ins.inc(len(entries))
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
@@ -666,10 +679,11 @@ class StreamWorker:
         here is older than one written before it."""
         await self.drain_fold_ins()
         partition_of = self.partitioner
-        rows = list(self.users.data.items())
-        entries = [(key, value, partition) for key, value in rows if partition_of(key) == partition]
-        await self.user_writer.write(entries)
-        return len(entries)
+
+        def held_rows() -> list[tuple[bytes, bytes, int]]:  # built after every earlier write is stored
+            return [(key, value, partition) for key, value in self.users.data.items() if partition_of(key) == partition]
+
+        return await self.user_writer.write_current(held_rows)
 
     async def _on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Finish the counted users' fold-in and write before partitions move: their rows must reach the

@@ -1,5 +1,6 @@
 """The table store follows the changelog (stream.changelog.BulkTableWriter): a row is stored only once
-its changelog record is acknowledged, and two writes of one row land in the store in changelog order."""
+its changelog record is acknowledged, two writes of one row land in the store in changelog order, and
+two writes never interleave their batches in the changelog."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class FakeBatch:
 class FakeProducer:
     """Batches are acknowledged when the test says so (`ack`), with consecutive offsets per partition."""
 
-    def __init__(self, capacity: int = 100) -> None:
+    def __init__(self, capacity: int = 100, yielding: bool = False) -> None:
         self.capacity = capacity
+        self.yielding = yielding  # send_batch yields first, as aiokafka's does while a batch waits to drain
         self.sent: list[tuple[int, FakeBatch, asyncio.Future]] = []
         self.next_offset: dict[int, int] = {}
 
@@ -41,6 +43,8 @@ class FakeProducer:
         return FakeBatch(self.capacity)
 
     async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future:
+        if self.yielding:
+            await asyncio.sleep(0)
         future = asyncio.get_running_loop().create_future()
         self.sent.append((partition, batch, future))
         return future
@@ -136,5 +140,56 @@ def test_two_writes_of_one_row_are_stored_in_changelog_order():
         await first
         assert store[b"row"] == b"new"
         assert store.offsets == {0: 1, 1: 0}
+
+    asyncio.run(scenario())
+
+
+def _changelog(producer: FakeProducer, partition: int = 0) -> list[tuple[bytes, bytes]]:
+    return [record for p, batch, _ in producer.sent if p == partition for record in batch.records]
+
+
+def test_two_writes_never_interleave_their_batches():
+    """Write 1 (a restore's rewrite of many rows, three batches, an older value of `row` in its last)
+    and write 2 (a fold-in's newer value of `row`) start together: write 2's records follow all of
+    write 1's, so the changelog's last `row` is the newer one. Interleaved, the older value came last
+    and the streams it lacked were lost (the lifecycle test's day 3)."""
+
+    async def scenario() -> None:
+        producer = FakeProducer(capacity=2, yielding=True)
+        writer, store = _writer(producer)
+        rewrite = [(b"u1", b"1", 0), (b"u2", b"2", 0), (b"u3", b"3", 0), (b"u4", b"4", 0), (b"row", b"old", 0)]
+        first = asyncio.ensure_future(writer.write(rewrite))
+        second = asyncio.ensure_future(writer.write([(b"row", b"new", 0)]))
+        await _until(lambda: len(producer.sent) == 4)
+        for index in range(4):
+            producer.ack(index)
+        await asyncio.gather(first, second)
+        log = _changelog(producer)
+        assert log == [*[(k, v) for k, v, _ in rewrite], (b"row", b"new")], log
+        assert store[b"row"] == b"new"
+
+    asyncio.run(scenario())
+
+
+def test_write_current_builds_its_rows_after_earlier_writes_are_stored():
+    """A rewrite of the stored rows (write_current) started while a write of a newer value is still
+    unacknowledged reads the store only once that write is stored: it writes the newer value again."""
+
+    async def scenario() -> None:
+        producer = FakeProducer(yielding=True)
+        writer, store = _writer(producer)
+        store[b"row"] = b"old"
+        newer = asyncio.ensure_future(writer.write([(b"row", b"new", 0)]))
+        await _until(lambda: len(producer.sent) == 1)
+        rewrite = asyncio.ensure_future(writer.write_current(lambda: [(k, v, 0) for k, v in store.items()]))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(producer.sent) == 1, "the rewrite read the store before the earlier write was stored"
+        producer.ack(0)
+        await newer
+        await _until(lambda: len(producer.sent) == 2)
+        producer.ack(1)
+        assert await rewrite == 1
+        assert _changelog(producer) == [(b"row", b"new"), (b"row", b"new")]
 
     asyncio.run(scenario())
