@@ -84,16 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--root", type=Path, default=None, help="working directory (default: a new temporary one, kept on a failure)"
     )
+    parser.add_argument(
+        "--faults",
+        default=None,
+        help=f"comma-separated faults to draw from (default: all of {','.join(FAULTS)})",
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
     args = parser.parse_args(argv)
     if not LASTFM.is_file():
         print(f"{LASTFM} is missing: set PLAYREC_DATA to the folder holding lastfm-2k/", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    faults = random.Random(seed).choices(FAULTS, k=args.nights)
+    pool = args.faults.split(",") if args.faults else FAULTS
+    unknown = sorted(set(pool) - set(FAULTS))
+    if unknown:
+        parser.error(f"unknown faults {unknown}: choose from {FAULTS}")
+    faults = random.Random(seed).choices(pool, k=args.nights)
     print(f"soak seed {seed}: {args.nights} nights at scale {args.scale}, faults {faults}", flush=True)
     started = time.monotonic()
     root = args.root or Path(tempfile.mkdtemp(prefix="playrec-soak-"))
+    root.mkdir(parents=True, exist_ok=True)
     week = Week(root, LASTFM, scale=args.scale, seed=seed)
     queries = None
     try:
