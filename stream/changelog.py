@@ -116,6 +116,7 @@ class BulkTableWriter:
         self.source_topic = source_topic
         self._sending = asyncio.Lock()  # one write's batches at a time, in the order writes asked
         self._in_flight: set[asyncio.Future] = set()  # deliveries not yet acknowledged (or failed)
+        self._owner: asyncio.Task | None = None  # the task inside write_current (it holds the lock)
 
     @contextlib.contextmanager
     def _partition_context(self, partition: int) -> Iterator[None]:
@@ -131,8 +132,11 @@ class BulkTableWriter:
         """Make `key -> value` durable in the changelog (partition per entry), then set it in the store."""
         if not entries:
             return
-        async with self._sending:
-            pending = await self._send_all(entries)
+        if self._owner is not None and self._owner is asyncio.current_task():
+            pending = await self._send_all(entries)  # inside write_current: it holds the lock
+        else:
+            async with self._sending:
+                pending = await self._send_all(entries)
         await self._delivered(pending)
 
     async def write_current(self, build: Callable[[], Entries]) -> int:
@@ -140,11 +144,14 @@ class BulkTableWriter:
         acknowledged and stored and before any later one is sent (so rows read from the store or a
         cache are not older than anything in the changelog); returns how many."""
         async with self._sending:
-            if self._in_flight:
-                await asyncio.wait(set(self._in_flight))  # (their store callbacks run first)
-            entries = build()
-            pending = await self._send_all(entries) if entries else []
-        await self._delivered(pending)
+            self._owner = asyncio.current_task()
+            try:
+                if self._in_flight:
+                    await asyncio.wait(set(self._in_flight))  # (their store callbacks run first)
+                entries = build()
+                await self.write(entries)  # (through `write`, which sees that this task holds the lock)
+            finally:
+                self._owner = None
         return len(entries)
 
     async def _send_all(self, entries: Entries) -> list[tuple[asyncio.Future, int]]:
