@@ -52,7 +52,7 @@ from batch.user_state import (
     unpack_user,
 )
 from stream.broadcast import BroadcastReader, read_to_end
-from stream.changelog import BulkTableWriter
+from stream.changelog import BulkTableWriter, Entries
 from stream.codec import (
     pack_message,
     parse_model_update,
@@ -389,7 +389,7 @@ class StreamWorker:
             if self._refold_stop or self.live is not live:  # revoked (or swapped again) while solving
                 continue
             assigned = set(self.assigned_partitions())
-            entries, stamps, olds, news = [], [], [], []
+            entries, olds, news = [], [], []
             for user, state in states.items():
                 key = user.encode()
                 partition = self.partitioner(key)
@@ -407,7 +407,6 @@ class StreamWorker:
                     olds.append(np.zeros(live.k, np.float32) if old is None else old)
                     news.append(vector)
                 entries.append((key, pack_user(new), partition))
-                stamps.append(state.stamp())
             if news:  # (additive: its order against a concurrent fold-in's update does not matter)
                 live.users_moved(np.stack(olds), np.stack(news))
             # the new tracks they streamed are solved again from the new vectors: durable before the rows,
@@ -420,20 +419,22 @@ class StreamWorker:
                     updates.append((user, counts, vectors[user], counts))
             await self._deliver_listener_updates(live, updates)
 
-            def unchanged(entries=entries, stamps=stamps) -> list[tuple[bytes, bytes, int]]:
+            def unchanged(entries=entries, states=states) -> Entries:
                 """The rows of users with no plays counted since they were read: plays counted during the
                 awaits above are written by their fold-in, and this older row must not land after it."""
                 kept = []
-                for entry, stamp in zip(entries, stamps, strict=True):
+                for entry in entries:
+                    user = entry[0].decode()
                     try:
-                        if self.user_state(entry[0].decode()).stamp() == stamp:
+                        if self.user_state(user).stamp() == states[user].stamp():
                             kept.append(entry)
                     except UserStateError:
                         pass
                 return kept
 
-            written += await self.user_writer.write_current(unchanged)
-            self.metrics.user_fold_ins.inc(len(entries))
+            kept = await self.user_writer.write_current(unchanged)
+            written += kept
+            self.metrics.user_fold_ins.inc(kept)
             await asyncio.sleep(0)  # let requests in between chunks
         log.info("re-folded %d of %d users against model %s", written, len(users), live.version)
 
@@ -680,7 +681,7 @@ class StreamWorker:
         await self.drain_fold_ins()
         partition_of = self.partitioner
 
-        def held_rows() -> list[tuple[bytes, bytes, int]]:  # built after every earlier write is stored
+        def held_rows() -> Entries:  # built after every earlier write is stored
             return [(key, value, partition) for key, value in self.users.data.items() if partition_of(key) == partition]
 
         return await self.user_writer.write_current(held_rows)
