@@ -209,45 +209,95 @@ class BatchingConsumerMixin:
     _ingest_inflight: asyncio.Task[None] | None = None
     _ingest_pending: asyncio.Task[bool] | None = None  # the last batch's completion (acks when done)
     _ingest_suspended: bool = False
-    _ingest_epoch: int = 0  # bumped by perform_seek: a fetch result read before it is not handled after it
+    _ingest_epoch: int = 0  # bumped when a seek starts and when it ends (a fetch that overlapped one is stale)
+    _ingest_seeking: int = 0  # seeks in progress
     _ingest_commit: asyncio.Future | None = None  # the commit started after `commit_every` acks, if running
+
+    def _ingest_offsets(self) -> dict[TP, int | None]:
+        """Per assigned partition of an ingest topic: the offset of the next record to hand on (None: not
+        known yet, i.e. nothing committed and nothing handed on since the last seek)."""
+        offsets = self.__dict__.get("_ingest_next")
+        if offsets is None:
+            offsets = self.__dict__["_ingest_next"] = {}
+        return offsets
+
+    def _ingest_reseeks(self) -> set[TP]:
+        """Partitions whose fetched records were dropped: sought back to their next offset before the next fetch."""
+        pending = self.__dict__.get("_ingest_reseek")
+        if pending is None:
+            pending = self.__dict__["_ingest_reseek"] = set()
+        return pending
 
     async def perform_seek(self) -> None:
         """faust's seek of every assigned partition to its committed offset, then the seek hooks' rewinds.
 
-        With hooks, the assigned partitions of ingest topics are paused (and their buffered records
-        dropped: they are fetched again from the new positions) from before the hooks run until every
-        seek is done, so no record read from the committed offset is handled before a rewind moves the
-        partition back (a row counted from a later offset first would make the earlier plays look
-        applied)."""
+        The buffered records of the assigned ingest partitions are dropped (fetched again from the new
+        positions) and each partition's next offset is set to where it was sought. A fetch that overlapped
+        the seek is stale (`_ingest_epoch`): its runs are handed on only where they continue the partition's
+        next offset (see `_ingest_records`). With hooks, the ingest partitions are also paused from before
+        the hooks run until every seek is done."""
         me = cast(Any, self)
         hooks = getattr(me.app, _SEEK_HOOKS_ATTR, ())
-        if not hooks:
-            await super().perform_seek()  # type: ignore[misc]
-            return
         assignment = set(me.assignment())
         generation = me.app.consumer_generation_id
         sinks = _sinks(me.app)
-        held = {tp for tp in assignment if tp.topic in sinks and tp in me._get_active_partitions()}
+        mine = {tp for tp in assignment if tp.topic in sinks}
+        held = {tp for tp in mine if tp in me._get_active_partitions()} if hooks else set()
+        self._ingest_seeking += 1
         self._ingest_epoch += 1
-        me.pause_partitions(held)
-        for sink in sinks.values():
-            if sink.buffer:
-                sink.buffer = [r for r in sink.buffer if TP(r.topic, r.partition) not in held]
+        if held:
+            me.pause_partitions(held)
+        self._drop_buffered(mine)
         try:
             rewinds: dict[TP, int] = {}
             for hook in hooks:
                 rewinds.update((await hook(assignment)).items())
             await super().perform_seek()  # type: ignore[misc]
+            offsets = self._ingest_offsets()
+            for tp in mine:  # faust set the read offsets to the committed ones (None: none committed)
+                offsets[tp] = me._read_offset.get(tp)
+            self._drop_buffered(mine)  # (handed on during the seek: fetched again from the committed offsets)
             for tp, offset in rewinds.items():
                 if tp in assignment:
                     log.info("reading %s[%d] again from offset %d", tp.topic, tp.partition, offset)
                     await me.seek(tp, offset)
+                    offsets[tp] = offset
+                    self._drop_buffered({tp})
         finally:
+            self._ingest_seeking -= 1
+            self._ingest_epoch += 1
             # only in the same generation: a rebalance that started meanwhile paused them for itself (and
             # may move them); resuming them here let records flow for partitions on their way out
-            if me.app.consumer_generation_id == generation and not self._ingest_suspended:
+            if held and me.app.consumer_generation_id == generation and not self._ingest_suspended:
                 me.resume_partitions(held & set(me.assignment()))
+
+    def _drop_buffered(self, tps: set[TP]) -> None:
+        for sink in _sinks(cast(Any, self).app).values():
+            if sink.buffer:
+                sink.buffer = [r for r in sink.buffer if TP(r.topic, r.partition) not in tps]
+
+    async def _reseek(self) -> None:
+        """Seek the partitions whose fetched records were dropped back to their next offset (None there: the
+        seek found nothing committed, so their first offset; counting skips what was applied), so the
+        dropped records are fetched again; records already buffered stay (they precede it). A partition
+        not sought since its assignment is left to that seek (every assignment ends with one). Runs in the
+        drain loop between fetches, never while a seek is in progress."""
+        me = cast(Any, self)
+        pending = self._ingest_reseeks()
+        epoch, offsets = self._ingest_epoch, self._ingest_offsets()
+        tps = sorted(pending & set(me.assignment()) & offsets.keys())
+        pending.clear()
+        unknown = [tp for tp in tps if offsets[tp] is None]
+        earliest = await me.earliest_offsets(*unknown) if unknown else {}
+        if self._ingest_epoch != epoch or self._ingest_seeking:
+            pending.update(tps)  # a seek started meanwhile: it sets the positions; checked again after it
+            return
+        for tp in tps:
+            offset = offsets[tp]
+            if offset is None:
+                offset = offsets[tp] = earliest.get(tp) or 0
+            log.info("fetching %s[%d] again from offset %d (a stale fetch)", tp.topic, tp.partition, offset)
+            await me.seek(tp, offset)
 
     # ---------------------------------------------------------------- drain loop
     async def _drain_messages(self, fetcher: Any) -> None:
@@ -265,10 +315,13 @@ class BatchingConsumerMixin:
                 set_flag(CONSUMER_FETCHING)
                 now = monotonic()
                 timeout = min([1.0, *(s.remaining_s(now) for s in sinks.values())])
+                if self._ingest_reseeks() and not self._ingest_seeking and me.flow_active:
+                    await self._reseek()
+                fetched = (me.app.consumer_generation_id, self._ingest_epoch if not self._ingest_seeking else -1)
                 records, active = await me._wait_next_records(timeout)
                 if records and not me.should_stop:
                     if me.flow_active:
-                        await self._ingest_records(records, active, sinks)
+                        await self._ingest_records(records, active, sinks, fetched)
                     else:  # what faust's getmany does when the flow stopped
                         try:
                             await me.perform_seek()
@@ -295,39 +348,67 @@ class BatchingConsumerMixin:
         finally:
             unset_flag(CONSUMER_FETCHING)
 
-    async def _ingest_records(self, records: Any, active: set[TP] | None, sinks: dict[str, BatchIngest]) -> None:
+    async def _ingest_records(
+        self, records: Any, active: set[TP] | None, sinks: dict[str, BatchIngest], fetched: tuple[int, int]
+    ) -> None:
         """One fetch result (``{tp: [aiokafka ConsumerRecord, ...]}``): records of ingest topics are appended
         to their sink's buffer a partition's run at a time (no per-record message object or generator
-        step); any other topic's records take faust's per-record path. The checks are faust's
-        ``Consumer.getmany`` ones: partitions not active (paused for recovery) are skipped, and a new
-        consumer generation or a stopped flow ends the fetch result (re-fetched from the read offsets)."""
+        step); any other topic's records take faust's per-record path. Partitions faust does not consider
+        active (paused for recovery) are skipped, as in faust's ``Consumer.getmany``.
+
+        `fetched` is (consumer generation, seek epoch) when the fetch started (epoch -1: during a seek).
+        An ingest partition's records are handed on only in offset order from the partition's next offset
+        (`_ingest_offsets`): a run that starts below it is trimmed (fetched twice), and one that starts
+        above it is a hole, taken (a faust "gap": compaction, transaction markers) only from a fetch that
+        started after the last seek ended. A fetch that overlapped a seek may have been read from the
+        position before it: handing on its records after the seek moved the partition back made the
+        records in between look delivered (skipped when fetched again) and the gap let the commit pass
+        them (plays lost at a rebalance, issue #13). Every run not handed on (a rebalance, a hole in a stale
+        fetch) is fetched again from the partition's next offset (`_reseek`)."""
         me = cast(Any, self)
+        fetch_generation, epoch = fetched
         generation = me.app.consumer_generation_id
-        epoch = self._ingest_epoch
         buffered = me._buffered_partitions
-        get_read_offset = me._read_offset.__getitem__
+        offsets = self._ingest_offsets()
+        reseek = self._ingest_reseeks()
         set_read_offset = me._read_offset.__setitem__
         for tp, recs in records.items():
-            if me.app.consumer_generation_id != generation or not me.flow_active or self._ingest_epoch != epoch:
-                return  # (a seek since the fetch: the rest is fetched again from the new positions)
+            if me.app.consumer_generation_id != generation or not me.flow_active:
+                # faust's check: the rest is fetched again from the new assignment's positions (its seek)
+                reseek.update(t for t in records if t.topic in sinks)
+                return
             if not recs or (active is not None and tp not in active and tp not in buffered):
+                if recs and tp.topic in sinks:
+                    reseek.add(tp)
                 continue
             me.app.monitor.track_tp_end_offset(tp, me.highwater(tp))
             sink = sinks.get(tp.topic)
-            if sink is None:
+            if sink is None:  # (changelogs: their recovery positions them; never dropped for a stale fetch)
                 await self._faust_records(tp, recs, generation)
                 continue
-            if self._ingest_suspended:
-                continue  # rebalance/stop in progress: re-delivered later
-            r_offset = get_read_offset(tp)
+            if self._ingest_suspended or fetch_generation != generation:
+                reseek.add(tp)  # rebalance/stop in progress, or fetched before the last one: fetched again
+                continue
+            now_epoch = self._ingest_epoch
+            stale = self._ingest_seeking > 0 or now_epoch != epoch
+            nxt = offsets.get(tp)
             first = 0
-            if r_offset is not None:
-                while first < len(recs) and recs[first].offset < r_offset:
-                    first += 1  # already delivered (faust drops these too)
-            if first == len(recs):
+            if nxt is not None:
+                while first < len(recs) and recs[first].offset < nxt:
+                    first += 1  # already handed on
+                if first == len(recs):
+                    continue
+                if stale and recs[first].offset > nxt:
+                    reseek.add(tp)  # read from a position before a seek moved the partition back
+                    continue
+            elif stale:
+                reseek.add(tp)  # (sought to the first offset if the seek found nothing committed)
                 continue
             if me.app.topics.acks_enabled_for(tp.topic):
-                await self._register_gaps(tp, recs, first, r_offset)
+                await self._register_gaps(tp, recs, first, nxt)
+                if self._ingest_epoch != now_epoch or me.app.consumer_generation_id != generation:
+                    reseek.add(tp)  # a seek or a rebalance started meanwhile
+                    continue
             if sink.buffer and sink.generation != generation:
                 sink.buffer = []  # an older generation's records: never handled nor acked (re-delivered)
             sink.generation = generation
@@ -338,24 +419,29 @@ class BatchingConsumerMixin:
                 take = min(len(recs) - first, sink.max_batch - len(buffer))
                 buffer.extend(recs[first : first + take])
                 first += take
-                set_read_offset(tp, buffer[-1].offset)
+                last = buffer[-1].offset
+                set_read_offset(tp, last)
+                offsets[tp] = last + 1
                 if len(buffer) >= sink.max_batch:
                     await self._ingest_flush(sink)
                     if (
                         me.app.consumer_generation_id != generation
                         or self._ingest_suspended
-                        or self._ingest_epoch != epoch
+                        or self._ingest_epoch != now_epoch
                     ):
-                        return
+                        if first < len(recs):
+                            reseek.add(tp)
+                        break
             await asyncio.sleep(0)  # let requests and completions run between partitions
 
-    async def _register_gaps(self, tp: TP, recs: Sequence[Any], first: int, r_offset: int | None) -> None:
-        """Offsets missing between delivered records (compaction, transaction markers) are faust "gaps",
-        so that commits can move past them; consecutive offsets (the common case) are one comparison."""
+    async def _register_gaps(self, tp: TP, recs: Sequence[Any], first: int, nxt: int | None) -> None:
+        """Offsets missing before or between the records handed on (compaction, transaction markers) are
+        faust "gaps", so that commits can move past them; consecutive offsets (the common case) are one
+        comparison. `nxt` is the partition's next offset before `recs[first]` (None: unknown)."""
         me = cast(Any, self)
         start = recs[first].offset
-        if r_offset and start - r_offset > 1:
-            await me._add_gap(tp, r_offset + 1, start)
+        if nxt is not None and start > nxt:
+            await me._add_gap(tp, nxt, start)
         if recs[-1].offset - start == len(recs) - 1 - first:
             return
         prev = start
@@ -558,6 +644,9 @@ class BatchingConsumerMixin:
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         me = cast(Any, self)
         if revoked:
+            for tp in revoked:
+                self._ingest_offsets().pop(tp, None)
+                self._ingest_reseeks().discard(tp)
             await self._ingest_quiesce("revoke")
             # faust forgets pending acks of revoked partitions before it commits; commit the
             # processed batches now, while the generation is still valid.
