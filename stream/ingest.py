@@ -213,20 +213,13 @@ class BatchingConsumerMixin:
     _ingest_seeking: int = 0  # seeks in progress
     _ingest_commit: asyncio.Future | None = None  # the commit started after `commit_every` acks, if running
 
-    def _ingest_offsets(self) -> dict[TP, int | None]:
-        """Per assigned partition of an ingest topic: the offset of the next record to hand on (None: not
-        known yet, i.e. nothing committed and nothing handed on since the last seek)."""
-        offsets = self.__dict__.get("_ingest_next")
-        if offsets is None:
-            offsets = self.__dict__["_ingest_next"] = {}
-        return offsets
-
-    def _ingest_reseeks(self) -> set[TP]:
-        """Partitions whose fetched records were dropped: sought back to their next offset before the next fetch."""
-        pending = self.__dict__.get("_ingest_reseek")
-        if pending is None:
-            pending = self.__dict__["_ingest_reseek"] = set()
-        return pending
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: per assigned partition of an ingest topic: the offset of the next record to hand on (None: the last
+        #: seek found nothing committed and nothing was handed on since; absent: not sought since assignment)
+        self._ingest_next: dict[TP, int | None] = {}
+        #: partitions whose fetched records were dropped: sought back to their next offset before the next fetch
+        self._ingest_reseek: set[TP] = set()
+        super().__init__(*args, **kwargs)
 
     async def perform_seek(self) -> None:
         """faust's seek of every assigned partition to its committed offset, then the seek hooks' rewinds.
@@ -253,7 +246,7 @@ class BatchingConsumerMixin:
             for hook in hooks:
                 rewinds.update((await hook(assignment)).items())
             await super().perform_seek()  # type: ignore[misc]
-            offsets = self._ingest_offsets()
+            offsets = self._ingest_next
             for tp in mine:  # faust set the read offsets to the committed ones (None: none committed)
                 offsets[tp] = me._read_offset.get(tp)
             self._drop_buffered(mine)  # (handed on during the seek: fetched again from the committed offsets)
@@ -283,8 +276,8 @@ class BatchingConsumerMixin:
         not sought since its assignment is left to that seek (every assignment ends with one). Runs in the
         drain loop between fetches, never while a seek is in progress."""
         me = cast(Any, self)
-        pending = self._ingest_reseeks()
-        epoch, offsets = self._ingest_epoch, self._ingest_offsets()
+        pending = self._ingest_reseek
+        epoch, offsets = self._ingest_epoch, self._ingest_next
         tps = sorted(pending & set(me.assignment()) & offsets.keys())
         pending.clear()
         unknown = [tp for tp in tps if offsets[tp] is None]
@@ -315,7 +308,7 @@ class BatchingConsumerMixin:
                 set_flag(CONSUMER_FETCHING)
                 now = monotonic()
                 timeout = min([1.0, *(s.remaining_s(now) for s in sinks.values())])
-                if self._ingest_reseeks() and not self._ingest_seeking and me.flow_active:
+                if self._ingest_reseek and not self._ingest_seeking and me.flow_active:
                     await self._reseek()
                 fetched = (me.app.consumer_generation_id, self._ingest_epoch if not self._ingest_seeking else -1)
                 records, active = await me._wait_next_records(timeout)
@@ -358,7 +351,7 @@ class BatchingConsumerMixin:
 
         `fetched` is (consumer generation, seek epoch) when the fetch started (epoch -1: during a seek).
         An ingest partition's records are handed on only in offset order from the partition's next offset
-        (`_ingest_offsets`): a run that starts below it is trimmed (fetched twice), and one that starts
+        (`_ingest_next`): a run that starts below it is trimmed (fetched twice), and one that starts
         above it is a hole, taken (a faust "gap": compaction, transaction markers) only from a fetch that
         started after the last seek ended. A fetch that overlapped a seek may have been read from the
         position before it: handing on its records after the seek moved the partition back made the
@@ -369,8 +362,8 @@ class BatchingConsumerMixin:
         fetch_generation, epoch = fetched
         generation = me.app.consumer_generation_id
         buffered = me._buffered_partitions
-        offsets = self._ingest_offsets()
-        reseek = self._ingest_reseeks()
+        offsets = self._ingest_next
+        reseek = self._ingest_reseek
         set_read_offset = me._read_offset.__setitem__
         for tp, recs in records.items():
             if me.app.consumer_generation_id != generation or not me.flow_active:
@@ -645,8 +638,8 @@ class BatchingConsumerMixin:
         me = cast(Any, self)
         if revoked:
             for tp in revoked:
-                self._ingest_offsets().pop(tp, None)
-                self._ingest_reseeks().discard(tp)
+                self._ingest_next.pop(tp, None)
+                self._ingest_reseek.discard(tp)
             await self._ingest_quiesce("revoke")
             # faust forgets pending acks of revoked partitions before it commits; commit the
             # processed batches now, while the generation is still valid.
