@@ -17,6 +17,16 @@ log = logging.getLogger(__name__)
 LISTENERS_TABLE = "track-listeners"
 #: Seconds to wait for every partition of the topics just created to have a leader.
 LEADERS_DEADLINE_S = 30.0
+#: Milliseconds after which a compacted topic's active segment is closed (at its next write), so the log
+#: cleaner can compact it. Kafka compacts closed segments only; with the broker's default (7 days, 1 GiB)
+#: a changelog keeps every row ever written and a worker that restores it (a take-over, a restart with an
+#: empty store) reads all of them: restore time grew with uptime (docs/RELIABILITY.md, "Take-over
+#: recovery"). With one-minute segments a restore reads the latest row per key plus at most about a minute
+#: of rows and the dirty share the cleaner leaves (`min.cleanable.dirty.ratio`, 0.5 by default).
+COMPACTED_SEGMENT_MS = 60_000
+#: The configuration of every compacted topic the workers create (changelogs, track vectors, take-downs,
+#: repairs).
+COMPACTED = {"cleanup.policy": "compact", "segment.ms": str(COMPACTED_SEGMENT_MS)}
 
 
 def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
@@ -36,12 +46,12 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
         names.dead_letter: (P, {}),
         names.repartition: (P, {}),
         names.track_plays: (P, {}),
-        names.track_vectors: (P, {"cleanup.policy": "compact"}),
-        names.track_takedowns: (1, {"cleanup.policy": "compact"}),
+        names.track_vectors: (P, COMPACTED),
+        names.track_takedowns: (1, COMPACTED),
         names.model_updates: (1, {}),
-        names.repairs: (1, {"cleanup.policy": "compact"}),
-        changelog_topic(settings.app_id): (P, {"cleanup.policy": "compact"}),
-        changelog_topic(settings.app_id, LISTENERS_TABLE): (P, {"cleanup.policy": "compact"}),
+        names.repairs: (1, COMPACTED),
+        changelog_topic(settings.app_id): (P, COMPACTED),
+        changelog_topic(settings.app_id, LISTENERS_TABLE): (P, COMPACTED),
     }
     kwargs = settings.security.kafka_python_kwargs()
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="playrec-topics", **kwargs)
@@ -74,8 +84,35 @@ def ensure_topics(settings: WorkerSettings, replication: int = 1) -> None:
                 pass
         if missing:
             _wait_for_leaders(admin, [t.name for t in missing])
+        compacted = [name for name, (_, cfg) in wanted.items() if cfg is COMPACTED and name in have]
+        _roll_compacted_segments(admin, compacted)
     finally:
         admin.close()
+
+
+def _roll_compacted_segments(admin, topics: list[str]) -> None:
+    """Give compacted topics created before `COMPACTED_SEGMENT_MS` existed (or by hand) the segment roll,
+    unless their `segment.ms` was set on the topic on purpose (an operator's choice is kept). Incremental:
+    no other setting of the topic changes."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    if not topics:
+        return
+    described = admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in topics], config_filter="all"
+    )
+    for name in topics:
+        entry = described.get("topic", {}).get(name, {}).get("segment.ms", {})
+        if entry.get("config_source") == "DYNAMIC_TOPIC_CONFIG":
+            continue  # set on the topic: kept
+        wanted = str(COMPACTED_SEGMENT_MS)
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {"segment.ms": wanted})])
+        log.info(
+            "topic %s: segment.ms %s -> %s so the log cleaner compacts it (restores read the latest rows only)",
+            name,
+            entry.get("value"),
+            wanted,
+        )
 
 
 def _wait_for_leaders(admin, topics: list[str]) -> None:

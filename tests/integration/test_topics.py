@@ -1,5 +1,6 @@
 """`ensure_topics` on the real broker: every topic a worker uses, changelogs included, exists with the
-worker's partition count before the worker starts; a `plays` topic with another count is refused."""
+worker's partition count before the worker starts; a `plays` topic with another count is refused;
+compacted topics roll their segments so the log cleaner can compact them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from batch.user_state import changelog_topic
 from stream.settings import SettingsError, Topics, WorkerSettings
-from stream.topics import LISTENERS_TABLE, ensure_topics
+from stream.topics import COMPACTED_SEGMENT_MS, LISTENERS_TABLE, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +43,41 @@ def test_creates_every_topic_with_leaders_and_compacted_changelogs(kafka_bootstr
         configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in changelogs])
         for name in changelogs:
             assert configs["topic"][name]["cleanup.policy"]["value"] == "compact", name
+            assert configs["topic"][name]["segment.ms"]["value"] == str(COMPACTED_SEGMENT_MS), name
+    finally:
+        admin.close()
+
+
+def _segment_ms(admin: KafkaAdminClient, names: list[str]) -> dict[str, str]:
+    resources = [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+    described = admin.describe_configs(resources, config_filter="all")
+    return {n: described["topic"][n]["segment.ms"]["value"] for n in names}
+
+
+def test_rolls_segments_of_compacted_topics_created_without_it_and_keeps_an_operators_value(
+    kafka_bootstrap: str,
+) -> None:
+    """A deployment upgraded from a release that created its changelogs with the broker's 7-day segments
+    gets the roll at the next worker start; a `segment.ms` an operator set on a topic is kept, and no
+    other setting of the topic changes."""
+    prefix = f"tp-{uuid.uuid4().hex[:8]}-"
+    s = settings(kafka_bootstrap, prefix)
+    users, listeners = changelog_topic(s.app_id), changelog_topic(s.app_id, LISTENERS_TABLE)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        old = {"cleanup.policy": "compact", "retention.ms": "123456789"}
+        admin.create_topics(
+            [
+                NewTopic(users, 4, 1, topic_configs=old),
+                NewTopic(listeners, 4, 1, topic_configs={**old, "segment.ms": "3600000"}),
+            ]
+        )
+        ensure_topics(s)
+        assert _segment_ms(admin, [users, listeners]) == {users: str(COMPACTED_SEGMENT_MS), listeners: "3600000"}
+        kept = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, users)])["topic"][users]
+        assert kept["retention.ms"]["value"] == "123456789" and kept["cleanup.policy"]["value"] == "compact"
+        ensure_topics(s)  # idempotent
+        assert _segment_ms(admin, [users, listeners]) == {users: str(COMPACTED_SEGMENT_MS), listeners: "3600000"}
     finally:
         admin.close()
 
