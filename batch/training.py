@@ -168,7 +168,7 @@ def publish_result(
         fields: dict[str, Any] = {}
         if forest is not None:
             begin = time.perf_counter()
-            fields.update(build_forests(directory, counts.item_ids, result.item_factors, forest))
+            fields.update(build_forests(directory, counts.item_ids, result.item_factors, forest, result.user_factors))
             timings["index_s"] = time.perf_counter() - begin
         if extra is not None:
             fields.update(extra(directory, result) or {})

@@ -158,6 +158,9 @@ class HyperplaneForest:
         if int(refine) and self.n_trees != 1:
             raise ValueError(f"refine (Lloyd passes over the leaves) needs n_trees=1; got n_trees={n_trees}")
         self.refine = int(refine)
+        #: ``search_k`` of queries that give none (``None``: the formula in :meth:`query_batch`); set by
+        #: ``index.calibrate`` to the smallest value reaching a recall target on this forest's data.
+        self.default_search_k: int | None = None
         self.ref_norm = 0.0
         self.n_adds = 0
         self._a: dict[str, np.ndarray] | None = None
@@ -972,6 +975,8 @@ class HyperplaneForest:
         live, cent, bias, cent_sq, live_count = self._cache["scan"]
         mean_leaf = max(1.0, float(live_count.mean())) if len(live) else 1.0
         nq = len(q)
+        if nq == 1 and self.n_trees == 1 and len(live):
+            return self._scan_one(q, qr, k, search_k, banned, alive, kill, mean_leaf)
         pq, pl, prank = _search.scan_leaves(qr, cent, bias, cent_sq, live_count, search_k, mean_leaf)
         pl = live[pl]
         scale, rbias = self._rerank_terms()
@@ -1049,6 +1054,65 @@ class HyperplaneForest:
         )
         return _search.topk_ragged(sq, si, ss, nq, k, self.n_trees)
 
+    def _scan_one(
+        self,
+        q: np.ndarray,
+        qr: np.ndarray,
+        k: int,
+        search_k: int,
+        banned: np.ndarray | None,
+        alive: np.ndarray,
+        kill: np.ndarray,
+        mean_leaf: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The leaf scan of one query ``q (1, dim)`` (one tree): the same leaves and candidates as
+        :meth:`_scan_block` (best leaves by centroid score until ``search_k`` items, exact re-rank), with
+        one product over the leaves, a partition and one gather instead of the batch path's grouped
+        machinery, whose fixed cost is ~10x the work of a single query (the serving path answers one
+        user per request)."""
+        a = self._arrays()
+        live, cent, bias, cent_sq, live_count = self._cache["scan"]
+        if cent_sq is None:
+            if "scan_op" not in self._cache:
+                self._cache["scan_op"] = np.ascontiguousarray(np.concatenate([cent, bias[:, None]], axis=1))
+            s = self._cache["scan_op"] @ np.append(qr[0], np.float32(1.0)).astype(np.float32)
+        else:
+            s = _search._leaf_scores(qr, cent, bias, cent_sq, np.empty((1, len(live)), np.float32))[0]
+        n_leaf = len(s)
+        r = min(n_leaf, int(2 * search_k / mean_leaf) + 8)
+        while True:  # the best r leaves, best first; more when they hold fewer than search_k items
+            top = np.argpartition(-s, r - 1)[:r] if r < n_leaf else np.arange(n_leaf)
+            top = top[np.argsort(-s[top], kind="stable")]
+            cnt = live_count[top]
+            cum = np.cumsum(cnt)
+            if cum[-1] >= search_k or r == n_leaf:
+                break
+            r = min(n_leaf, 4 * r)
+        keep = top[((cum - cnt) < search_k) & (cnt > 0) & np.isfinite(s[top])]
+        leaves = live[keep]
+        rows = a["leaf_items"][_search.ragged_ranges(a["leaf_start"][leaves], a["leaf_count"][leaves])]
+        rows = rows.astype(np.int64)
+        ok = alive[rows]
+        if len(kill):
+            ok &= ~np.isin(rows, kill)
+        if banned is not None and len(banned):
+            ok &= ~np.isin(rows, banned[banned < len(alive)])  # query 0's keys are its rows
+        rows = rows[ok]
+        scale, rbias = self._rerank_terms()
+        qop = q[0]
+        if self.metric == "euclidean":
+            qop = np.append(2.0 * q[0], np.float32(1.0)).astype(np.float32)
+        scores = _search.rerank_matrix(a["vectors"], rows, scale, rbias) @ qop
+        m = min(k, len(rows))
+        out_i = np.full((1, k), -1, dtype=np.int64)
+        out_s = np.full((1, k), _search.NEG_INF, dtype=np.float32)
+        if m:
+            best = np.argpartition(-scores, m - 1)[:m] if m < len(rows) else np.arange(len(rows))
+            best = best[np.argsort(-scores[best], kind="stable")]
+            out_i[0, :m] = rows[best]
+            out_s[0, :m] = scores[best]
+        return out_i, out_s, np.array([m], dtype=np.int64)
+
     def _search_block(
         self,
         q: np.ndarray,
@@ -1125,13 +1189,16 @@ class HyperplaneForest:
         *,
         deny: Iterable[Any] | None = None,
         batch_size: int | None = None,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` items for each row of ``queries (nq, dim)``.
 
         ``search_k``: candidates (counting duplicates across trees) collected before the exact
-        re-rank; default ``max(20 * k * n_trees, 1000 * k)`` (10,000 for k=10 with one tree: recall
-        ~0.95 on 1M ALS-like MIPS items). ``exclude``: one iterable of ids per query (or ``None``);
-        ``deny``: ids excluded for every query. Unknown ids in both are ignored.
+        re-rank; default :attr:`default_search_k` when calibrated (``index.calibrate``), else
+        ``max(20 * k * n_trees, 1000 * k)``, or ``200 * k`` for refined leaves. ``exact``: answer by
+        brute force over every eligible item instead (the reference recall is measured against).
+        ``exclude``: one iterable of ids per query (or ``None``); ``deny``: ids excluded for every
+        query. Unknown ids in both are ignored.
 
         Returns ``ids (nq, k)`` best first and ``scores (nq, k) float32`` (exact dot / cosine /
         euclidean distance). Fewer than ``k`` eligible items: ids are padded with ``""`` (str ids)
@@ -1145,6 +1212,8 @@ class HyperplaneForest:
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
+        if search_k is None:
+            search_k = self.default_search_k
         if search_k is None:  # refined leaves need ~10x fewer candidates (recall ~0.98 at 200 k at 1M items)
             search_k = max(20 * k * self.n_trees, (200 if self.refine else 1000) * k)
         search_k = int(search_k)
@@ -1166,10 +1235,15 @@ class HyperplaneForest:
         want = np.minimum(k, np.maximum(n_eligible - n_banned, 0))
         qr = queries_to_routing(q, self.metric)
         rows = np.full((nq, k), -1, dtype=np.int64)
-        if batch_size is None:
+        if exact:  # score blocks of at most ~16M cells
+            batch_size = max(1, (1 << 24) // max(len(alive), 1))
+        elif batch_size is None:
             batch_size = _SCAN_BLOCK if self._use_scan(search_k) else 256
         for b0 in range(0, nq, batch_size):
             b1 = min(b0 + batch_size, nq)
+            if exact:
+                rows[b0:b1] = self._exact_block(q[b0:b1], k, np.arange(b0, b1), banned, alive)[0]
+                continue
             sub = self._sub_banned(banned, b0, b1, len(alive))
             r, _, found = self._search_block(q[b0:b1], qr[b0:b1], k, search_k, sub, alive, kill)
             rows[b0:b1] = r
@@ -1250,6 +1324,7 @@ class HyperplaneForest:
             "refine": self.refine,
             "ref_norm": self.ref_norm,
             "n_adds": self.n_adds,
+            "default_search_k": self.default_search_k,
             # removed items are out of the leaves (older files may still hold them there, masked)
             "leaves_hold_live_items_only": not self._dead_in_leaves,
         }
@@ -1286,6 +1361,8 @@ class HyperplaneForest:
         )
         f.ref_norm = float(meta["ref_norm"])
         f.n_adds = int(meta["n_adds"])
+        default_k = meta.get("default_search_k")  # absent in files written before calibration
+        f.default_search_k = None if default_k is None else int(default_k)
         f._a = dict(arrays)
         f._mutable = not mmap
         if "leaf_centroid" not in f._a:  # format version 1: derive the leaf statistics in memory

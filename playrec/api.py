@@ -116,7 +116,9 @@ class ALSModel:
         )
         forests = None
         if search == "forest" or (search == "auto" and len(model.item_ids) > EXACT_SCAN_ITEMS):
-            forests = make_forests(model.item_ids, model.item_factors, ForestParams(seed=params.seed))
+            forests = make_forests(
+                model.item_ids, model.item_factors, ForestParams(seed=params.seed), model.user_factors
+            )
         return cls(ServingModel(model, csr_arrays(counts.matrix), forests, search=search), counts, result.losses)
 
     def __repr__(self) -> str:

@@ -138,3 +138,23 @@ def test_scan_is_deterministic_and_batch_independent() -> None:
     np.testing.assert_allclose(sa, sb, rtol=1e-6)
     one, _ = a.query(q[5], k=10, search_k=800)
     assert _recall(one[None], ia[5:6]) >= 0.9
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "euclidean"])
+@pytest.mark.parametrize("refine", [None, 0])
+def test_one_query_path_answers_as_the_batch_path(metric: str, refine: int | None) -> None:
+    """`query()` (one query: the single-query scan) returns what `query_batch` returns for the same
+    query among others (the grouped batch scan): same leaves, same candidates, same exclusions."""
+    x = _clustered(6000, seed=8, skew=0.3)
+    q = _clustered(60, seed=9)
+    f = HyperplaneForest(DIM, metric, n_trees=1, leaf_size=48, seed=2, refine=refine).build(x, np.arange(6000))
+    truth = _exact(x, q, metric, 60)
+    f.remove(np.unique(truth[:, 2]))
+    excl = [row[::3].tolist() for row in truth]
+    deny = truth[:, 5].tolist()
+    for search_k in (100, 700, 6000):
+        ids, scores = f.query_batch(q, k=10, search_k=search_k, exclude=excl, deny=deny)
+        for i in range(len(q)):
+            one, one_scores = f.query(q[i], k=10, search_k=search_k, exclude=excl[i], deny=deny)
+            assert set(one.tolist()) == set(ids[i].tolist()), (search_k, i)
+            np.testing.assert_allclose(one_scores, scores[i], rtol=1e-5, atol=1e-5)
