@@ -14,6 +14,17 @@ is now one tree with leaf_size 96, used by ``--side-only``); ``50x64`` = 50 tree
 blocks and cached in ``/tmp/forest_truth_<key>.npy``; brute-force speed is timed on its first 1,024
 queries.
 
+The strongest peers (issue #15), side by side: ``--peers [--sets als1m,synth200k] [--rounds 3]
+[--single-queries 1000] [--libs forest,scann,faiss-ivfpq,faiss-hnsw,hnswlib,annoy]`` builds every
+library of ``benchmarks/ann_peers.py`` on each data set (the 1M ALS-like items, and the item factors
+of our ALS trained on the synthetic 200K x 100K x 5M plays, cached in the temp directory), for MIPS
+(user queries) and cosine (track queries), and times every knob in alternation between libraries
+(``rounds`` rounds, medians): batched (1,000 queries per call, where the library has a batch call)
+and one query per call (the first ``single-queries`` queries). Prints per-knob tables (build s,
+bytes, q/s, queries per CPU-second, recall@10) and, per recall target (0.95, 0.98), the best
+queries per CPU-second of each library and the forest's ratio to the best of ScaNN and FAISS;
+writes docs/img/forest_vs_peers_frontier.png.
+
 Usage: python benchmarks/forest_vs_peers.py [--quick] [--n-items N] [--n-queries Q] [--seed S]
 Prints markdown tables; writes docs/img/forest_recall_qps.png.
 
@@ -230,6 +241,220 @@ def side_only(args) -> None:
     print(side_by_side(f, h, x, q, truth, fk, ek, args.rounds, others=others), flush=True)
 
 
+# ----------------------------------------------------------------------------- strong peers (--peers)
+PEER_KNOBS = {  # per library: knobs from fast/low recall to slow/high recall
+    "forest": [300, 500, 800, 1200, 2000, 3000, 5000, 8000],
+    "forest64": [300, 500, 800, 1200, 2000, 3000, 5000, 8000],
+    "scann": [(10, 50), (20, 100), (40, 100), (40, 200), (80, 200), (120, 300), (200, 400), (300, 600)],
+    "faiss-ivfpq": [(16, 10), (32, 20), (64, 20), (64, 50), (128, 50), (256, 50), (256, 100), (512, 100)],
+    "faiss-hnsw": [16, 32, 48, 64, 96, 128, 256],
+    "hnswlib": [20, 40, 60, 80, 120, 160, 320],
+    "annoy": [10_000, 30_000, 100_000],
+}
+TARGETS = (0.95, 0.98)
+BATCH = 1000
+
+
+def synth200k_factors(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item factors (100K, 40), user factors (200K, 40)) of our ALS (defaults, 15 iterations) on the
+    synthetic 200K x 100K x 5M plays; cached in the temp directory."""
+    path = Path(tempfile.gettempdir()) / f"peers_synth200k_s{seed}.npz"
+    if path.exists():
+        z = np.load(path)
+        return z["items"], z["users"]
+    from _common import load_dataset
+
+    from batch.als import AlsParams, train_als
+
+    plays = load_dataset("synth-200k", seed).matrix
+    t0 = time.perf_counter()
+    r = train_als(plays, AlsParams(iterations=15, seed=seed), compute_loss=False, show_progress=False)
+    print(f"# synth-200k ALS trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    np.savez(path, items=r.item_factors, users=r.user_factors)
+    return r.item_factors, r.user_factors
+
+
+def peer_sets(names: list[str], seed: int, nq: int):
+    """(tag, items, user queries, track queries, cache key) per data set name."""
+    for name in names:
+        if name == "als1m":
+            x, qu = big_set(seed, 1_000_000, nq)
+            key = f"als1m_s{seed}"
+        elif name == "synth200k":
+            x, users = synth200k_factors(seed)
+            qu = users[np.random.default_rng([seed, 3]).choice(len(users), nq, replace=False)]
+            key = f"synth200k_s{seed}"
+        elif name.startswith("als"):  # e.g. als100k: smaller ALS-like sets for smoke runs
+            n = int(name[3:-1]) * 1000
+            x, qu = big_set(seed, n, nq)
+            key = f"{name}_s{seed}"
+        else:
+            raise SystemExit(f"unknown --sets entry {name!r}: als1m, synth200k or alsNk")
+        qt = x[np.random.default_rng([seed, 2, len(x)]).choice(len(x), nq, replace=False)]
+        yield name, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(qu, np.float32), qt, key
+
+
+def build_peers(libs: list[str], x: np.ndarray, metric: str, key: str, trees: int) -> list:
+    import ann_peers as peers_lib
+
+    out = []
+    for lib in libs:
+        knobs = PEER_KNOBS[lib]
+        t0 = time.perf_counter()
+        if lib == "forest":
+            out.append(peers_lib.forest(x, metric, knobs))
+        elif lib == "forest64":  # the leaf size `playrec train` published before issue #15
+            out.append(peers_lib.forest(x, metric, knobs, leaf_size=64))
+        elif lib == "scann":
+            out.append(peers_lib.scann(x, metric, knobs))
+        elif lib == "faiss-ivfpq":
+            out.append(peers_lib.faiss_ivfpq(x, metric, knobs))
+        elif lib == "faiss-hnsw":
+            out.append(peers_lib.faiss_hnsw(x, metric, knobs, key))
+        elif lib == "hnswlib":
+            out.append(peers_lib.hnswlib_index(x, metric, knobs, key))
+        elif lib == "annoy":
+            out.append(peers_lib.annoy_index(x, metric, knobs, trees=trees))
+        else:
+            raise SystemExit(f"unknown --libs entry {lib!r}")
+        print(
+            f"# {key} {metric} {out[-1].name}: build {out[-1].build_s:.1f} s "
+            f"({time.perf_counter() - t0:.1f} s here), {out[-1].nbytes / 1e6:.1f} MB",
+            flush=True,
+        )
+    return out
+
+
+def time_peers(peers, q, truth, rounds: int, n_single: int) -> list[dict]:
+    """Every (library, knob, mode) timed ``rounds`` times, in alternation; medians."""
+    runs = []
+    for p in peers:
+        for knob in p.knobs:
+            if p.batch is not None:
+
+                def batched(p=p, knob=knob):
+                    return np.concatenate([p.batch(q[a : a + BATCH], knob) for a in range(0, len(q), BATCH)])
+
+                runs.append((p, knob, f"batch {BATCH}", batched, len(q)))
+            qs = q[:n_single]
+            runs.append((p, knob, "one", lambda p=p, knob=knob, qs=qs: np.stack([p.one(v, knob) for v in qs]), len(qs)))
+    wall: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    cpu: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    rec: dict[int, float] = {}
+    for r in range(rounds):
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            _, _, _, fn, n = runs[i]
+            t0, c0 = time.perf_counter(), time.process_time()
+            ids = fn()
+            wall[i].append(n / (time.perf_counter() - t0))
+            cpu[i].append(n / max(time.process_time() - c0, 1e-9))
+            rec[i] = recall(ids, truth[:n])
+    return [
+        {
+            "lib": p.name,
+            "knob": knob,
+            "mode": mode,
+            "build_s": p.build_s,
+            "bytes": p.nbytes,
+            "qps": float(np.median(wall[i])),
+            "qpcpu": float(np.median(cpu[i])),
+            "recall": rec[i],
+        }
+        for i, (p, knob, mode, _, _) in enumerate(runs)
+    ]
+
+
+def best_at(results: list[dict], lib: str, mode: str, target: float) -> dict | None:
+    """The knob of ``lib`` with the most queries per CPU-second among those reaching ``target``."""
+    ok = [r for r in results if r["lib"] == lib and r["mode"] == mode and r["recall"] >= target]
+    return max(ok, key=lambda r: r["qpcpu"]) if ok else None
+
+
+def frontier_table(results: list[dict], tag: str) -> str:
+    libs = list(dict.fromkeys(r["lib"] for r in results))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    quantized = [lib for lib in libs if lib.startswith(("scann", "faiss"))]
+    out = [
+        f"| {tag} | mode | target | " + " | ".join(libs) + " | forest / best of ScaNN, FAISS |",
+        "|---|---|---:|" + "---:|" * len(libs) + "---:|",
+    ]
+    for mode in modes:
+        for t in TARGETS:
+            cells, best_peer, forest = [], 0.0, None
+            for lib in libs:
+                b = best_at(results, lib, mode, t)
+                cells.append("-" if b is None else f"{b['qpcpu']:,.0f} ({b['recall']:.3f} @ {b['knob']})")
+                if b is not None and lib in quantized:
+                    best_peer = max(best_peer, b["qpcpu"])
+                if b is not None and lib.startswith("forest"):
+                    forest = b["qpcpu"]
+            ratio = f"{forest / best_peer:.2f}x" if forest and best_peer else "-"
+            out.append(f"| | {mode} | {t} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(out)
+
+
+def knob_table(results: list[dict]) -> str:
+    out = [
+        "| library | knob | mode | build s | MB | q/s (median) | q/CPU-s (median) | recall@10 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        out.append(
+            f"| {r['lib']} | {r['knob']} | {r['mode']} | {r['build_s']:.1f} | {r['bytes'] / 1e6:.0f} | "
+            f"{r['qps']:,.0f} | {r['qpcpu']:,.0f} | {r['recall']:.3f} |"
+        )
+    return "\n".join(out)
+
+
+def plot_frontier(panels: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    libs = sorted({r["lib"] for rs in panels.values() for r in rs})
+    colors = {lib: f"C{i}" for i, lib in enumerate(libs)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (tag, rs) in zip(axes[0], panels.items()):
+        for lib in libs:
+            for mode, ls in ((f"batch {BATCH}", "-"), ("one", ":")):
+                pts = sorted((r["recall"], r["qpcpu"]) for r in rs if r["lib"] == lib and r["mode"] == mode)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, ls=ls, color=colors[lib], label=f"{lib} ({mode})")
+        ax.set_yscale("log")
+        ax.set_xlim(0.8, 1.0)
+        ax.set_xlabel("recall@10")
+        ax.set_ylabel("queries per CPU-second (1 thread)")
+        ax.set_title(tag)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def peers_frontier(args) -> None:
+    """``--peers``: the forest against ScaNN, FAISS, hnswlib and annoy (module docstring)."""
+    libs = args.libs.split(",")
+    panels: dict[str, list[dict]] = {}
+    t_start = time.perf_counter()
+    for name, x, qu, qt, key in peer_sets(args.sets.split(","), args.seed, args.big_queries):
+        for metric, q in (("dot", qu), ("cosine", qt)):
+            tag = f"{name} {'MIPS' if metric == 'dot' else 'cosine'} ({len(x):,} x {x.shape[1]})"
+            truth = cached_truth(x, q, f"{key}_{metric}_q{len(q)}", metric)
+            peers = build_peers(libs, x, metric, key, args.trees)
+            results = time_peers(peers, q, truth, args.rounds, args.single_queries)
+            panels[tag] = results
+            print(f"\n## {tag}\n\n{knob_table(results)}\n\n{frontier_table(results, tag)}\n", flush=True)
+            del peers
+    print("\n## queries per CPU-second at recall >= target (best knob of each library)\n")
+    for tag, results in panels.items():
+        print(frontier_table(results, tag) + "\n")
+    plot_frontier(panels, args.peers_plot)
+    print(f"plot: {args.peers_plot}; total {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
 def table(rows, brute_qps) -> str:
     out = [
         "| data | library | knob | build s | bytes | queries/s | x brute | recall@10 |",
@@ -276,14 +501,14 @@ def big_set(seed: int, n: int, nq: int) -> tuple[np.ndarray, np.ndarray]:
     return x, user_queries(nq, c, rng)
 
 
-def cached_truth(x: np.ndarray, q: np.ndarray, key: str) -> np.ndarray:
-    """Exact MIPS top-K of ``q``, computed once in blocks and cached in ``/tmp``."""
+def cached_truth(x: np.ndarray, q: np.ndarray, key: str, metric: str = "dot") -> np.ndarray:
+    """Exact top-K of ``q`` (MIPS or cosine), computed once in blocks and cached in ``/tmp``."""
     path = Path(tempfile.gettempdir()) / f"forest_truth_{key}.npy"
     if path.exists():
         t = np.load(path)
         if t.shape == (len(q), K):
             return t
-    t, _ = exact(x, q, "dot", block=512)
+    t, _ = exact(x, q, metric, block=512)
     np.save(path, t)
     return t
 
@@ -388,7 +613,20 @@ def main() -> None:
     p.add_argument(
         "--baseline-knobs", default="", help="--side-only: also time the unrefined 1x64 forest at these search_k"
     )
+    p.add_argument("--peers", action="store_true", help="the forest vs ScaNN, FAISS, hnswlib, annoy (issue #15)")
+    p.add_argument("--sets", default="als1m,synth200k", help="--peers: data sets (als1m, synth200k, alsNk)")
+    p.add_argument("--libs", default="forest,scann,faiss-ivfpq,faiss-hnsw,hnswlib", help="--peers: libraries")
+    p.add_argument("--single-queries", type=int, default=1000, help="--peers: queries timed one per call")
+    p.add_argument("--peers-plot", type=Path, default=ROOT / "docs" / "img" / "forest_vs_peers_frontier.png")
     args = p.parse_args()
+    if args.peers:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        logging.basicConfig(level=logging.WARNING)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        peers_frontier(args)
+        return
     if args.side_only:
         from threadpoolctl import threadpool_limits
 
