@@ -7,6 +7,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: A background fold-in solves every user counted since the previous one: after a restart, a swap's
+#: re-fold or a restore from the source topics it takes longer than a request.
+FOLD_IN_BUCKETS = (*LATENCY_BUCKETS, 10.0, 30.0, 60.0, 120.0)
 
 
 class WorkerMetrics:
@@ -45,7 +48,7 @@ class WorkerMetrics:
         self.fold_in_seconds = Histogram(
             "playrec_fold_in_seconds",
             "Time of one background fold-in: solve and write the users counted since the previous one",
-            buckets=LATENCY_BUCKETS,
+            buckets=FOLD_IN_BUCKETS,
             registry=r,
         )
         self.batch_events = Histogram(

@@ -59,6 +59,14 @@ def summary(figures: list[dict[str, Any]], queries: Queries, seed: int, args: ar
         "| figure | median / max |",
         "| --- | --- |",
         *(f"| recovery after `{name}` ({len(v)}x) | {spread(v)} s |" for name, v in sorted(by_fault.items())),
+        *(
+            [
+                f"| emptied changelog restored from `plays` (fault to repaired, {len(finite('repair_s'))}x) | "
+                f"{spread(finite('repair_s'))} s |"
+            ]
+            if finite("repair_s")
+            else []
+        ),
         f"| new tracks and the hit searchable after the day's plays | {spread(finite('new_tracks_searchable_s'))} s |",
         f"| nightly retrain + both workers swapped | {spread(finite('retrain_s'))} s |",
         f"| fold-in p99 (bucket bound) | {spread(finite('fold_in_p99_s') or [0.0])} s |",

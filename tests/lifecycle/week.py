@@ -59,6 +59,10 @@ SEARCHABLE_S = 10.0  # a new track with 5 listeners that have vectors is searcha
 #: of them count (it was 0.5 while a kill -9 between a batch's listener rows and its statistics dropped
 #: listeners for good, docs/RELIABILITY.md).
 HIT_COUNTED = 1.0
+#: Slowest progress (plays of the topic's history per second) accepted from a worker that restores
+#: changelog partitions retention emptied: it reads every play of those partitions again
+#: (stream/source_replay.py), so the repair takes time proportional to the history, not to the day.
+RESTORE_RATE = 400.0
 REHEARSAL_USERS = 100  # history users who play 3 tracks each in the rehearsal (every partition gets some)
 
 
@@ -84,9 +88,12 @@ class Truth:
 
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    total: int = 0
+
     def add(self, user: str, track: str) -> None:
         per_user = self.counts.setdefault(user, {})
         per_user[track] = per_user.get(track, 0) + 1
+        self.total += 1
 
 
 @dataclass
@@ -158,6 +165,7 @@ class Week:
         self.truth = Truth()
         self.banned: dict[str, float] = {}  # track -> monotonic time its take-down had applied everywhere
         self.fault_window = False
+        self.fault_started = 0.0  # time.monotonic() of the latest fault
         self.workers: dict[str, WorkerProcess] = {}
         self.figures: list[dict[str, Any]] = []
         self.prefix, self.app = unique_names()
@@ -364,6 +372,7 @@ class Week:
             replay.wait(300)
         replayed = time.monotonic()
         self.stream_users += today.listeners
+        repaired = self.wait_restores(f"day {day}")
         self.check_counts(f"day {day}")
         searchable_s = self.check_new_tracks(f"day {day}", [*today.new_tracks[1:], today.hit], replayed)
         self.check_hit(f"day {day}", today.hit, today.fans)
@@ -374,6 +383,8 @@ class Week:
             "plays": total,
             "fault": fault,
             "fault_recovery_s": round(fault_s, 1),
+            # an emptied changelog: seconds from the fault to its partitions restored from `plays`
+            "repair_s": round(repaired - self.fault_started, 1) if fault.startswith("retention-") else None,
             "day_s": round(time.monotonic() - started, 1),
             "new_tracks_searchable_s": round(searchable_s, 1),
             "worker_rss_mib": self.rss_mib(),
@@ -387,7 +398,7 @@ class Week:
 
     def fault(self, day: int, fault: str) -> float:
         """Inject the day's fault and wait until both workers serve again; returns the seconds it took."""
-        started = time.monotonic()
+        started = self.fault_started = time.monotonic()
         self.fault_window = True
         try:
             if fault.startswith("kill-"):
@@ -456,6 +467,30 @@ class Week:
             self.banned[track] = time.monotonic()
 
     # ---------------------------------------------------------------------------------- invariants
+
+    def wait_restores(self, step: str) -> float:
+        """Wait until no worker is restoring changelog partitions from their source topics (`/ready`
+        lists them), within ``60 s + the plays sent so far / RESTORE_RATE``; returns the moment it
+        happened (time.monotonic()). Counts are exact in the changelog only after a restore."""
+        deadline_s = 60.0 + self.truth.total / RESTORE_RATE
+        restoring: dict[str, list[int]] = {}
+
+        def done() -> bool:
+            restoring.clear()
+            for name, worker in self.workers.items():
+                busy = worker.get("/ready").get("restoring") or []
+                if busy:
+                    restoring[name] = busy
+            return not restoring
+
+        try:
+            wait_for(done, deadline_s, "restores from the source topics", interval_s=0.5)
+        except AssertionError:
+            raise InvariantError(
+                f"{step}: still restoring changelog partitions from plays {deadline_s:.0f} s after the day's "
+                f"plays ({restoring}; {self.truth.total:,} plays sent in all)"
+            ) from None
+        return time.monotonic()
 
     def check_counts(self, step: str) -> None:
         """Every play counted exactly once: the changelog (what a retrain reads) equals the truth, and
