@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from index import HyperplaneForest
 
@@ -127,21 +128,15 @@ def run_forest(x, q, truth, metric, trees, knobs, rows, tag, leaf_size=64, label
 
 
 def run_annoy(x, q, truth, metric, trees, knobs, rows, tag, label=None):
-    import annoy
+    from ann_peers import annoy_index
 
-    a = annoy.AnnoyIndex(x.shape[1], metric)
-    t0 = time.perf_counter()
-    for i, v in enumerate(x):
-        a.add_item(i, v)
-    a.build(trees, n_jobs=1)
-    build = time.perf_counter() - t0
-    size = file_bytes(lambda d: a.save(os.path.join(d, "a.ann")))
+    peer = annoy_index(x, "dot" if metric == "dot" else "cosine", knobs, trees=trees)
     for sk in knobs:
         t0 = time.perf_counter()
-        ids = [a.get_nns_by_vector(v, K, search_k=sk) for v in q]
+        found = np.stack([peer.one(v, sk) for v in q])
         qps = len(q) / (time.perf_counter() - t0)
-        found = np.array([np.pad(np.asarray(r, np.int64), (0, K - len(r)), constant_values=-1) for r in ids])
-        rows.append((tag, label or f"annoy-{metric}", f"search_k={sk}", build, size, qps, recall(found, truth)))
+        name = label or f"annoy-{metric}"
+        rows.append((tag, name, f"search_k={sk}", peer.build_s, peer.nbytes, qps, recall(found, truth)))
 
 
 def run_hnsw(x, q, truth, space, knobs, rows, tag, ef_construction=200, m=16):
@@ -624,7 +619,6 @@ def main() -> None:
 
         threadpool_limits(1)
         logging.basicConfig(level=logging.WARNING)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         peers_frontier(args)
         return
     if args.side_only:
