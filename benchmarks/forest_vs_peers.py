@@ -261,7 +261,7 @@ def synth200k_factors(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     from batch.als import AlsParams, train_als
 
-    plays = load_dataset("synth-200k", seed).matrix
+    plays = load_dataset("synth-200k", seed).plays
     t0 = time.perf_counter()
     r = train_als(plays, AlsParams(iterations=15, seed=seed), compute_loss=False, show_progress=False)
     print(f"# synth-200k ALS trained in {time.perf_counter() - t0:.0f} s", flush=True)
