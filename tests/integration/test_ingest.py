@@ -91,6 +91,21 @@ def changelog_partitions(bootstrap: str, topic: str) -> dict[bytes, set[int]]:
         consumer.close()
 
 
+def _diagnose(proc: Any, port: int, log: Path, dump_deadline_s: float = 10.0) -> str:
+    """What a stuck worker is doing: its /status/, then its log after a SIGUSR1 state dump
+    (stream/diagnostics.py: every task's stack and the consumer's fetch state)."""
+    import os
+
+    last = status(port)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGUSR1)
+        end = time.monotonic() + dump_deadline_s
+        while time.monotonic() < end and "state dump on signal" not in log.read_text(errors="replace"):
+            time.sleep(0.2)
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    return f"worker on port {port} (exit {proc.poll()}): status {last}\nlog tail:\n{text[-20_000:]}"
+
+
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[list[Any]]:
     procs: list[Any] = []
@@ -110,6 +125,14 @@ def test_ingest_counts_recovery_and_rebalance(
     group_total = len(first)
 
     procs: dict[int, Any] = {}  # web port -> worker process
+    logs: dict[int, Path] = {}  # web port -> worker log
+
+    def wait_worker(port: int, condition: Any, deadline_s: float, what: str) -> Any:
+        """`wait_for`, failing with the worker's last status, its task stacks (SIGUSR1 dump) and log."""
+        try:
+            return wait_for(condition, deadline_s, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_diagnose(procs[port], port, logs[port])}") from None
 
     def launch(name: str) -> int:
         proc, port = start_worker(
@@ -127,12 +150,14 @@ def test_ingest_counts_recovery_and_rebalance(
         )
         workers.append(proc)
         procs[port] = proc
+        logs[port] = tmp_path / f"{name}.log"
         return port
 
     # (a) one worker counts everything exactly ------------------------------------------------
     p1 = launch("w1")
-    wait_for(lambda: (s := status(p1)) and s["assigned"] == list(range(PARTITIONS)), 60, "w1 to own all partitions")
-    wait_for(lambda: dump(p1) == expected, 60, "w1 table == input")
+    all_parts = list(range(PARTITIONS))
+    wait_worker(p1, lambda: (s := status(p1)) and s["assigned"] == all_parts, 60, "w1 to own all partitions")
+    wait_worker(p1, lambda: dump(p1) == expected, 60, "w1 table == input")
     wait_for(
         lambda: committed_total(kafka_bootstrap, app_id, unique_topic) == group_total,
         30,
@@ -147,8 +172,8 @@ def test_ingest_counts_recovery_and_rebalance(
     # (b) SIGTERM, then a fresh worker rebuilds the table from the changelog --------------------
     assert stop_worker(procs[p1], timeout=30) == 0
     p2 = launch("w2")
-    wait_for(lambda: (s := status(p2)) and s["recovered"] and len(s["assigned"]) == PARTITIONS, 60, "w2 recovered")
-    wait_for(lambda: dump(p2) == expected, 30, "w2 table == input")
+    wait_worker(p2, lambda: (s := status(p2)) and s["recovered"] and s["assigned"] == all_parts, 60, "w2 recovered")
+    wait_worker(p2, lambda: dump(p2) == expected, 30, "w2 table == input")
     assert status(p2)["events"] == 0, "a recovered worker must not re-process committed records"
 
     # (c) a second worker joins, more input arrives, then the second one is killed --------------
@@ -161,7 +186,7 @@ def test_ingest_counts_recovery_and_rebalance(
         a2, a3 = set(s2["assigned"]), set(s3["assigned"])
         return bool(a2 and a3 and not a2 & a3 and a2 | a3 == set(range(PARTITIONS)) and s3["recovered"])
 
-    wait_for(split, 60, "w2 and w3 to split the partitions")
+    wait_worker(p3, split, 60, "w2 and w3 to split the partitions")
     more = _events(6_000, users=500, tracks=60, seed=2, expected=expected)
     partition_of.update(
         produce_plays(kafka_bootstrap, unique_topic, more, partitions=PARTITIONS, create=False)["partition_of"]
@@ -171,16 +196,17 @@ def test_ingest_counts_recovery_and_rebalance(
         d2, d3 = dump(p2), dump(p3)
         return d2 is not None and d3 is not None and not set(d2) & set(d3) and {**d2, **d3} == expected
 
-    wait_for(union_matches, 60, "w2 + w3 tables == all input")
+    wait_worker(p3, union_matches, 60, "w2 + w3 tables == all input")
     owned3 = set(status(p3)["assigned"])
     assert all(partition_of[u.encode()] in owned3 for u in dump(p3)), "w3 holds a user of a partition it does not own"
 
     stop_worker(procs[p3], sig=signal.SIGKILL)
-    wait_for(
+    wait_worker(
+        p2,
         lambda: (
             (s := status(p2)) and s["assigned"] == list(range(PARTITIONS)) and s["recovered"] and not s["rebalancing"]
         ),
         60,
         "w2 to take over all partitions",
     )
-    wait_for(lambda: dump(p2) == expected, 30, "w2 table == all input")
+    wait_worker(p2, lambda: dump(p2) == expected, 30, "w2 table == all input")
