@@ -19,12 +19,28 @@ STACK_FRAMES = 12
 
 
 def install_dump_on_signal(app: Any, signum: int = signal.SIGUSR1) -> None:
-    """Log `dump_state(app)` whenever the process receives `signum` (main thread only)."""
+    """Log `dump_state(app)` whenever the process receives `signum` (main thread only).
 
-    def handler(_signum: int, _frame: Any) -> None:
+    mode's `Worker` installs its own SIGUSR1 handler on the event loop when it starts (a dump of every
+    task's stack with its locals, without the consumer's fetch state), which replaces a `signal.signal`
+    handler; so for a faust app the app's worker class (`app.conf.Worker`, used by `faust worker`,
+    `app.main()` and stream.runner) becomes a subclass that installs this one after mode's."""
+
+    def dump() -> None:
         log.warning("state dump on signal %d:\n%s", signum, dump_state(app))
 
-    signal.signal(signum, handler)
+    signal.signal(signum, lambda _signum, _frame: dump())
+    conf = getattr(app, "conf", None)
+    if conf is None:
+        return
+    base = conf.Worker
+
+    class DumpingWorker(base):  # type: ignore[misc, valid-type]
+        def install_signal_handlers(self) -> None:
+            super().install_signal_handlers()
+            self.loop.add_signal_handler(signum, dump)
+
+    conf.Worker = DumpingWorker
 
 
 def dump_state(app: Any) -> str:

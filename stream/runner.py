@@ -67,7 +67,6 @@ class _GcPauses:
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     """Create the topics, build the worker and run faust's worker loop; returns the exit status."""
-    import faust
     from threadpoolctl import threadpool_limits
 
     from stream.worker import StreamWorker
@@ -85,6 +84,6 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     tune_gc()
     install_dump_on_signal(worker.app)  # `kill -USR1 <pid>`: log what every task waits on
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    faust_worker = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    faust_worker = worker.app.conf.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     faust_worker.execute_from_commandline()
     return 0

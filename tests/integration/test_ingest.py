@@ -16,6 +16,7 @@ whole life cycle to share worker start-ups (each costs seconds):
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -94,8 +95,6 @@ def changelog_partitions(bootstrap: str, topic: str) -> dict[bytes, set[int]]:
 def _diagnose(proc: Any, port: int, log: Path, dump_deadline_s: float = 10.0) -> str:
     """What a stuck worker is doing: its /status/, then its log after a SIGUSR1 state dump
     (stream/diagnostics.py: every task's stack and the consumer's fetch state)."""
-    import os
-
     last = status(port)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGUSR1)
@@ -103,7 +102,7 @@ def _diagnose(proc: Any, port: int, log: Path, dump_deadline_s: float = 10.0) ->
         while time.monotonic() < end and "state dump on signal" not in log.read_text(errors="replace"):
             time.sleep(0.2)
     text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return f"worker on port {port} (exit {proc.poll()}): status {last}\nlog tail:\n{text[-20_000:]}"
+    return f"worker on port {port} (exit {proc.poll()}): status {last}\nlog tail:\n{text[-60_000:]}"
 
 
 @pytest.fixture
@@ -168,6 +167,10 @@ def test_ingest_counts_recovery_and_rebalance(
     assert set(changelog) == {u.encode() for u in expected}
     misplaced = {k: (parts, partition_of[k]) for k, parts in changelog.items() if parts != {partition_of[k]}}
     assert not misplaced, f"changelog records not co-partitioned with plays: {list(misplaced.items())[:5]}"
+
+    # the on-demand state dump (stream.diagnostics) survives mode installing its own SIGUSR1 handler
+    os.kill(procs[p1].pid, signal.SIGUSR1)
+    wait_for(lambda: "== consumer: flow_active" in logs[p1].read_text(errors="replace"), 30, "w1's state dump")
 
     # (b) SIGTERM, then a fresh worker rebuilds the table from the changelog --------------------
     assert stop_worker(procs[p1], timeout=30) == 0
