@@ -316,6 +316,7 @@ class BatchingConsumerMixin:
                     if me.flow_active:
                         await self._ingest_records(records, active, sinks, fetched)
                     else:  # what faust's getmany does when the flow stopped
+                        self._log_unfetched("flow stopped", records, sinks)
                         try:
                             await me.perform_seek()
                         except Exception as exc:
@@ -369,10 +370,13 @@ class BatchingConsumerMixin:
             if me.app.consumer_generation_id != generation or not me.flow_active:
                 # faust's check: the rest is fetched again from the new assignment's positions (its seek)
                 reseek.update(t for t in records if t.topic in sinks)
+                self._log_unfetched("rebalance during the fetch", records, sinks, after=tp)
                 return
             if not recs or (active is not None and tp not in active and tp not in buffered):
                 if recs and tp.topic in sinks:
                     reseek.add(tp)
+                elif recs:
+                    self._log_unfetched("partition not active", {tp: recs}, sinks)
                 continue
             me.app.monitor.track_tp_end_offset(tp, me.highwater(tp))
             sink = sinks.get(tp.topic)
@@ -427,6 +431,24 @@ class BatchingConsumerMixin:
                         break
             await asyncio.sleep(0)  # let requests and completions run between partitions
 
+    @staticmethod
+    def _log_unfetched(reason: str, records: Any, sinks: dict[str, BatchIngest], after: TP | None = None) -> None:
+        """Log the changelog (non-ingest) records of a fetch result that are dropped without a seek: their
+        partition's position is past them, so they are read again only if a recovery seeks it."""
+        items = list(records.items())
+        if after is not None:
+            items = items[[tp for tp, _ in items].index(after) :]
+        for tp, recs in items:
+            if recs and tp.topic not in sinks:
+                log.warning(
+                    "%s: records %d-%d of %s[%d] not delivered",
+                    reason,
+                    recs[0].offset,
+                    recs[-1].offset,
+                    tp.topic,
+                    tp.partition,
+                )
+
     async def _register_gaps(self, tp: TP, recs: Sequence[Any], first: int, nxt: int | None) -> None:
         """Offsets missing before or between the records handed on (compaction, transaction markers) are
         faust "gaps", so that commits can move past them; consecutive offsets (the common case) are one
@@ -449,6 +471,13 @@ class BatchingConsumerMixin:
         get_read_offset = me._read_offset.__getitem__
         for record in recs:
             if not me.flow_active or me.app.consumer_generation_id != generation:
+                log.warning(
+                    "rebalance during delivery: records %d-%d of %s[%d] not delivered",
+                    record.offset,
+                    recs[-1].offset,
+                    tp.topic,
+                    tp.partition,
+                )
                 return
             offset = record.offset
             r_offset = get_read_offset(tp)
@@ -461,6 +490,13 @@ class BatchingConsumerMixin:
                 me._n_acked = 0
                 await me.commit()
             if not await self._deliver(me._to_message(tp, record)):
+                log.warning(
+                    "delivery suspended: records %d-%d of %s[%d] not delivered",
+                    record.offset,
+                    recs[-1].offset,
+                    tp.topic,
+                    tp.partition,
+                )
                 return  # not delivered (a rebalance): the next recovery seeks this partition again
             me._read_offset[tp] = offset
 
