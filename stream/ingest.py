@@ -219,6 +219,9 @@ class BatchingConsumerMixin:
         self._ingest_next: dict[TP, int | None] = {}
         #: partitions whose fetched records were dropped: sought back to their next offset before the next fetch
         self._ingest_reseek: set[TP] = set()
+        #: changelog (non-ingest) partition -> first offset of records fetched but not delivered: sought back
+        #: there before the next fetch unless the position is already at or below it (`_redo_changelogs`)
+        self._changelog_redo: dict[TP, int] = {}
         super().__init__(*args, **kwargs)
 
     async def perform_seek(self) -> None:
@@ -310,13 +313,15 @@ class BatchingConsumerMixin:
                 timeout = min([1.0, *(s.remaining_s(now) for s in sinks.values())])
                 if self._ingest_reseek and not self._ingest_seeking and me.flow_active:
                     await self._reseek()
+                if self._changelog_redo:
+                    await self._redo_changelogs()
                 fetched = (me.app.consumer_generation_id, self._ingest_epoch if not self._ingest_seeking else -1)
                 records, active = await me._wait_next_records(timeout)
                 if records and not me.should_stop:
                     if me.flow_active:
                         await self._ingest_records(records, active, sinks, fetched)
                     else:  # what faust's getmany does when the flow stopped
-                        self._log_unfetched("flow stopped", records, sinks)
+                        self._undelivered("flow stopped", records, sinks)
                         try:
                             await me.perform_seek()
                         except Exception as exc:
@@ -370,13 +375,13 @@ class BatchingConsumerMixin:
             if me.app.consumer_generation_id != generation or not me.flow_active:
                 # faust's check: the rest is fetched again from the new assignment's positions (its seek)
                 reseek.update(t for t in records if t.topic in sinks)
-                self._log_unfetched("rebalance during the fetch", records, sinks, after=tp)
+                self._undelivered("rebalance during the fetch", records, sinks, after=tp)
                 return
             if not recs or (active is not None and tp not in active and tp not in buffered):
                 if recs and tp.topic in sinks:
                     reseek.add(tp)
                 elif recs:
-                    self._log_unfetched("partition not active", {tp: recs}, sinks)
+                    self._undelivered("partition not active", {tp: recs}, sinks)
                 continue
             me.app.monitor.track_tp_end_offset(tp, me.highwater(tp))
             sink = sinks.get(tp.topic)
@@ -431,23 +436,59 @@ class BatchingConsumerMixin:
                         break
             await asyncio.sleep(0)  # let requests and completions run between partitions
 
-    @staticmethod
-    def _log_unfetched(reason: str, records: Any, sinks: dict[str, BatchIngest], after: TP | None = None) -> None:
-        """Log the changelog (non-ingest) records of a fetch result that are dropped without a seek: their
-        partition's position is past them, so they are read again only if a recovery seeks it."""
+    def _undelivered(self, reason: str, records: Any, sinks: dict[str, BatchIngest], after: TP | None = None) -> None:
+        """Changelog (non-ingest) records of a fetch result dropped before delivery: their partition's
+        position is already past them, and a recovery that sought the partition before this fetch returned
+        (the fetch was in flight in the consumer thread while a rebalance stopped the flow) waits for them
+        forever, or completes without them; so they are fetched again (`_redo_changelogs`)."""
         items = list(records.items())
         if after is not None:
             items = items[[tp for tp, _ in items].index(after) :]
         for tp, recs in items:
             if recs and tp.topic not in sinks:
-                log.warning(
-                    "%s: records %d-%d of %s[%d] not delivered",
-                    reason,
-                    recs[0].offset,
-                    recs[-1].offset,
-                    tp.topic,
-                    tp.partition,
-                )
+                self._redo_changelog(reason, tp, recs[0].offset, recs[-1].offset)
+
+    def _redo_changelog(self, reason: str, tp: TP, first: int, last: int) -> None:
+        log.info("%s: records %d-%d of %s[%d] not delivered", reason, first, last, tp.topic, tp.partition)
+        redo = self._changelog_redo
+        redo[tp] = min(first, redo.get(tp, first))
+
+    async def _redo_changelogs(self) -> None:
+        """Seek each changelog partition with undelivered records back to the first of them, only where its
+        fetch position is past it (a seek since, e.g. the next recovery's, moved it at or below: left
+        alone). Moving a changelog partition back never loses a row: records are re-read in order and the
+        last one of each key wins, as in any recovery. Check and seek run in the consumer thread (aiokafka's
+        loop), so no fetch moves the position in between."""
+        me = cast(Any, self)
+        wanted, self._changelog_redo = self._changelog_redo, {}
+        thread = me._thread
+
+        async def seek_back(consumer: Any, wanted: dict[TP, int]) -> dict[TP, int]:
+            subscription = consumer._subscription.subscription
+            assignment = subscription.assignment if subscription is not None else None
+            moved: dict[TP, int] = {}
+            for tp, offset in wanted.items():
+                if assignment is None or tp not in assignment.tps:
+                    continue  # revoked: its next owner's recovery reads it
+                state = assignment.state_value(tp)
+                if not state.has_valid_position or state.position <= offset:
+                    continue  # about to be positioned, or already at or before the records
+                consumer.seek(tp, offset)
+                moved[tp] = offset
+            return moved
+
+        moved = await thread.call_thread(seek_back, thread._ensure_consumer(), wanted)
+        for tp, offset in moved.items():
+            if offset > 0:  # faust's read offset (records below it are dropped as already delivered)
+                me._read_offset[tp] = offset
+            else:
+                me._read_offset.pop(tp, None)
+            log.warning(
+                "fetching %s[%d] again from offset %d (changelog records fetched but not delivered)",
+                tp.topic,
+                tp.partition,
+                offset,
+            )
 
     async def _register_gaps(self, tp: TP, recs: Sequence[Any], first: int, nxt: int | None) -> None:
         """Offsets missing before or between the records handed on (compaction, transaction markers) are
@@ -471,13 +512,7 @@ class BatchingConsumerMixin:
         get_read_offset = me._read_offset.__getitem__
         for record in recs:
             if not me.flow_active or me.app.consumer_generation_id != generation:
-                log.warning(
-                    "rebalance during delivery: records %d-%d of %s[%d] not delivered",
-                    record.offset,
-                    recs[-1].offset,
-                    tp.topic,
-                    tp.partition,
-                )
+                self._redo_changelog("rebalance during delivery", tp, record.offset, recs[-1].offset)
                 return
             offset = record.offset
             r_offset = get_read_offset(tp)
@@ -490,14 +525,8 @@ class BatchingConsumerMixin:
                 me._n_acked = 0
                 await me.commit()
             if not await self._deliver(me._to_message(tp, record)):
-                log.warning(
-                    "delivery suspended: records %d-%d of %s[%d] not delivered",
-                    record.offset,
-                    recs[-1].offset,
-                    tp.topic,
-                    tp.partition,
-                )
-                return  # not delivered (a rebalance): the next recovery seeks this partition again
+                self._redo_changelog("delivery suspended", tp, record.offset, recs[-1].offset)
+                return  # not delivered (a rebalance): fetched again from this record
             me._read_offset[tp] = offset
 
     async def _deliver(self, message: Any) -> bool:
