@@ -22,6 +22,7 @@ from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking
 from batch.forests import ForestParams, build_forests
 from batch.model_store import ModelStore
 from batch.plays import PlayCounts
+from batch.tuning import TuneResult, TuneSettings, tune
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class TrainReport:
     losses: list[float]
     seconds_per_iteration: float
     timings: dict[str, float] = field(default_factory=dict)
+    tuning: TuneResult | None = None
 
 
 Trainer = Callable[[sp.csr_matrix, AlsParams, bool], AlsResult]
@@ -82,6 +84,7 @@ def train_and_publish(
     announce: Callable[[str], None] | None = None,
     history: sp.csr_matrix | None = None,
     lineage: dict[str, Any] | None = None,
+    tuning: TuneSettings | None = None,
 ) -> TrainReport:
     """Evaluate (unless holdout == 0), train on all plays, build the forests and publish to `store`.
 
@@ -94,9 +97,18 @@ def train_and_publish(
     history: the part of `counts` the stream does not hold (CSR aligned with it), stored as
     history_*.npy; lineage: the manifest's `history` and `lineage` fields (batch.history). Neither
     given: `counts` is all history (a file), which the workers add to what streams.
+    tuning: choose confidence, alpha and reg first (batch.tuning) on a validation split of the plays the
+    holdout evaluation trains on (all plays with holdout 0), so the reported holdout is never seen;
+    `params` gives the rest (factors, iterations, seed) and the published parameters are the choice.
     """
     timings: dict[str, float] = {}
     metrics, baseline = evaluation if evaluation is not None else (None, None)
+    tuned: TuneResult | None = None
+    if tuning is not None:
+        start = time.perf_counter()
+        tuned = tune_on_training_part(counts, params, tuning, holdout if evaluation is None else 0.0, show_progress)
+        params = tuned.choice
+        timings["tune_s"] = time.perf_counter() - start
     if holdout > 0 and evaluation is None:
         start = time.perf_counter()
         metrics, baseline, _ = evaluate_params(counts, params, holdout, k, show_progress, trainer)
@@ -120,6 +132,7 @@ def train_and_publish(
         lineage=lineage,
         engine=getattr(trainer, "engine", "numpy"),
         timings=timings,
+        tuning=tuned.to_dict() if tuned is not None else None,
     )
     if announce is not None:
         announce(version)
@@ -131,7 +144,24 @@ def train_and_publish(
         losses=result.losses,
         seconds_per_iteration=float(np.median(result.seconds)) if result.seconds else 0.0,
         timings=timings,
+        tuning=tuned,
     )
+
+
+def tune_on_training_part(
+    counts: PlayCounts, params: AlsParams, settings: TuneSettings, holdout: float, show_progress: bool = True
+) -> TuneResult:
+    """`batch.tuning.tune` on the part of `counts` that the holdout evaluation trains on (the same split:
+    `params.seed`, latest tracks by timestamp where known), or on all of it with holdout 0."""
+    matrix, stamps = counts.matrix, counts.last_played
+    if holdout > 0:
+        matrix, _ = holdout_split(counts.matrix, holdout, seed=params.seed, timestamps=counts.last_played)
+        if stamps is not None:
+            matrix.sort_indices()
+            rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+            values = np.asarray(sp.csr_matrix(stamps)[rows, matrix.indices]).ravel()
+            stamps = sp.csr_matrix((values, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
+    return tune(matrix, params, settings, timestamps=stamps, show_progress=show_progress)
 
 
 def publish_result(
@@ -148,6 +178,7 @@ def publish_result(
     lineage: dict[str, Any] | None = None,
     engine: str = "numpy",
     timings: dict[str, float] | None = None,
+    tuning: dict[str, Any] | None = None,
 ) -> str:
     """Publish trained factors as a new CURRENT version of `store`: the factors, the training counts
     (plays_*.npy), `history` (history_*.npy), the forests (unless `forest` is None) and the manifest
@@ -194,6 +225,7 @@ def publish_result(
                 "losses": result.losses,
                 "seconds_per_iteration": float(np.median(result.seconds)) if result.seconds else 0.0,
                 "timings": timings,
+                **({"tuning": tuning} if tuning is not None else {}),
             },
         },
         extra=write_artifacts,

@@ -136,6 +136,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
     parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose --confidence, --alpha and --reg on a validation split of the training plays "
+        "(successive halving; the trials go into the manifest; docs/BENCHMARKS-als.md)",
+    )
+    parser.add_argument(
+        "--tune-budget",
+        type=float,
+        default=5.0,
+        help="--tune: the most work the search may take, in plain fits (default 5)",
+    )
+    parser.add_argument(
         "--stream-only",
         action="store_true",
         help="--from-kafka: train on the stream alone, dropping the history of the live model in --out "
@@ -196,6 +208,14 @@ def run_train(args: argparse.Namespace) -> int:
         source = {"source": "file", "path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)}
         log.info("read %s: %s; %d users x %d tracks", args.plays, counts.summary.describe(), *counts.shape)
     store = ModelStore(args.out, keep=args.keep)
+    tuning = None
+    if args.tune:
+        from batch.tuning import TuneSettings, TuningError
+
+        try:
+            tuning = TuneSettings(budget=args.tune_budget)
+        except TuningError as exc:
+            raise CliError(str(exc)) from None
     report = train_and_publish(
         counts,
         store,
@@ -206,8 +226,16 @@ def run_train(args: argparse.Namespace) -> int:
         forest=forest,
         trainer=trainer,
         announce=_announcer(args.announce, store, args.topic_prefix),
+        tuning=tuning,
         **history,
     )
+    if report.tuning is not None:
+        t = report.tuning
+        print(
+            f"tuned in {t.seconds:.1f} s ({len(t.trials)} trials of {t.candidates} candidates, "
+            f"{t.work:.2f} plain fits): {t.choice.confidence} confidence, "
+            f"alpha {t.choice.alpha:g}, reg {t.choice.reg:g}"
+        )
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
         print(f"popularity: {report.baseline.describe()}")

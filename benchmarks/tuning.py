@@ -1,0 +1,126 @@
+"""`playrec train --tune` against the fixed defaults and against the best point of its own grid.
+
+For each data set: the DESIGN.md section 5 split (20% per user, the latest by timestamp where known, seed
+0); the defaults (log, alpha 2, reg 20) trained on the training part; the tuner (batch.tuning, default
+settings) on the training part only, its choice trained on the training part; and every grid point trained
+the full 20 iterations on the training part (the best of them on the TEST metrics is the ceiling a tuner
+could reach). Reports test P@10, NDCG@10, MPR, the tuner's seconds against one plain fit on all plays
+(median of 3), and the tuned/best-grid ratio.
+
+Data sets: Last.fm 2K, MovieLens 100K (binarised) and variants derived from Last.fm whose best settings
+differ: counts x10, counts binarised, a 30% user subsample (seed 0).
+
+    .venv/bin/python benchmarks/tuning.py                    # all five
+    .venv/bin/python benchmarks/tuning.py --datasets lastfm --no-grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import LASTFM, ML100K, markdown_table
+
+from batch.als import AlsParams, train_als
+from batch.evaluation import holdout_split, ranking_metrics
+from batch.plays import PlayCounts, read_play_counts
+from batch.training import tune_on_training_part
+from batch.tuning import TuneSettings, candidate_grid
+
+DATASETS = ("lastfm", "ml100k", "lastfm-x10", "lastfm-binary", "lastfm-users30")
+
+
+def load(name: str) -> PlayCounts:
+    if name == "ml100k":
+        return read_play_counts(ML100K, binarize=True)
+    counts = read_play_counts(LASTFM)
+    m = counts.matrix.astype(np.float32)
+    if name == "lastfm-x10":
+        m = m * 10
+    elif name == "lastfm-binary":
+        m = (m > 0).astype(np.float32)
+    elif name == "lastfm-users30":
+        keep = np.sort(np.random.default_rng(0).choice(m.shape[0], int(0.3 * m.shape[0]), replace=False))
+        m = m[keep]
+        cols = np.flatnonzero(np.diff(m.tocsc().indptr) > 0)
+        m = m[:, cols]
+        return PlayCounts(sp.csr_matrix(m), counts.user_ids[keep], counts.item_ids[cols])
+    return PlayCounts(sp.csr_matrix(m), counts.user_ids, counts.item_ids, counts.last_played)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--no-grid", action="store_true", help="skip the full grid (the ceiling)")
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs; load {os.getloadavg()}")
+    rows = []
+    for name in args.datasets.split(","):
+        counts = load(name)
+        base = AlsParams()
+        train, test = holdout_split(counts.matrix, 0.2, seed=0, timestamps=counts.last_played)
+
+        def test_metrics(params: AlsParams, train: sp.csr_matrix = train, test: sp.csr_matrix = test):
+            fit = train_als(train, params, show_progress=False, compute_loss=False)
+            return ranking_metrics(fit.user_factors, fit.item_factors, train, test, 10)
+
+        plain = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            train_als(counts.matrix, base, show_progress=False, compute_loss=False)
+            plain.append(time.perf_counter() - t0)
+        plain_s = float(np.median(plain))
+        default = test_metrics(base)
+        tuned_result = tune_on_training_part(counts, base, TuneSettings(), 0.2, show_progress=False)
+        tuned = test_metrics(tuned_result.choice)
+        best, best_params = None, None
+        if not args.no_grid:
+            for params in candidate_grid(base):
+                m = test_metrics(params)
+                if best is None or m.ndcg > best.ndcg:
+                    best, best_params = m, params
+        c = tuned_result.choice
+        rows.append(
+            [
+                name,
+                f"{default.precision:.4f} / {default.ndcg:.4f} / {100 * default.mpr:.2f}%",
+                f"{tuned.precision:.4f} / {tuned.ndcg:.4f} / {100 * tuned.mpr:.2f}%",
+                f"{c.confidence} {c.alpha:g} / {c.reg:g}",
+                f"{tuned_result.seconds:.1f} s = {tuned_result.seconds / plain_s:.1f}x",
+                "-"
+                if best is None
+                else f"{best.precision:.4f} / {best.ndcg:.4f} ({best_params.confidence} "
+                f"{best_params.alpha:g} / {best_params.reg:g})",
+                "-" if best is None else f"{tuned.ndcg / best.ndcg:.3f}",
+                f"{tuned.ndcg / default.ndcg:.3f}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    print()
+    print(
+        markdown_table(
+            [
+                "data set",
+                "defaults P / NDCG / MPR",
+                "--tune P / NDCG / MPR",
+                "tuned choice",
+                "tune time (x plain fit)",
+                "best grid point (test) P / NDCG",
+                "tuned / best NDCG",
+                "tuned / defaults NDCG",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
