@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from batch.als import AlsParams, train_als
-from batch.evaluation import holdout_split
+from batch.evaluation import holdout_split, ranking_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,47 +140,6 @@ def plan_iterations(n: int, rungs: tuple[int, ...], eta: int) -> int:
     return total
 
 
-def topk_metrics(
-    user_factors: np.ndarray,
-    item_factors: np.ndarray,
-    train: sp.csr_matrix,
-    valid: sp.csr_matrix,
-    k: int = 10,
-    max_users: int | None = None,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """(NDCG@k, P@k) of ranking every track not in a user's `train` row, over the users with `valid`
-    tracks (a seeded sample of `max_users`): batch.evaluation.ranking_metrics without the percentile
-    ranks, which cost one comparison per held-out pair and track (the search's cost on small data)."""
-    users = np.flatnonzero(np.diff(valid.indptr) > 0)
-    if max_users is not None and users.size > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    n_items = train.shape[1]
-    kk = min(k, n_items)
-    discounts = 1.0 / np.log2(np.arange(2, kk + 2))
-    ideal = np.cumsum(discounts)
-    X = np.asarray(user_factors, dtype=np.float32)
-    Y = np.asarray(item_factors, dtype=np.float32)
-    block = max(1, 20_000_000 // max(1, n_items))
-    ndcg = precision = 0.0
-    for start in range(0, users.size, block):
-        batch = users[start : start + block]
-        scores = X[batch] @ Y.T
-        tr = train[batch]
-        scores[np.repeat(np.arange(batch.size), np.diff(tr.indptr)), tr.indices] = -np.inf
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
-        va = valid[batch]
-        relevant = np.zeros(scores.shape, dtype=bool)
-        relevant[np.repeat(np.arange(batch.size), np.diff(va.indptr)), va.indices] = True
-        hits = np.take_along_axis(relevant, top, axis=1)
-        n_rel = np.diff(va.indptr)
-        precision += float(hits.sum() / k)
-        ndcg += float(np.sum((hits @ discounts) / ideal[np.minimum(n_rel, kk) - 1]))
-    n = max(1, users.size)
-    return ndcg / n, precision / n
-
-
 def tune(
     plays: sp.csr_matrix,
     base: AlsParams,
@@ -235,13 +194,29 @@ def tune(
             X, Y = state[i]
             result = train_als(train, params, user_factors=X, item_factors=Y, compute_loss=False, show_progress=False)
             state[i] = (result.user_factors, result.item_factors)
-            ndcg, precision = topk_metrics(
-                result.user_factors, result.item_factors, train, valid, settings.k, settings.max_users, base.seed
+            metrics = ranking_metrics(
+                result.user_factors,
+                result.item_factors,
+                train,
+                valid,
+                settings.k,
+                settings.max_users,
+                base.seed,
+                percentile_ranks=False,
             )
             seconds = time.perf_counter() - t0
             per_iteration.append(seconds / params.iterations)
             rung_trials.append(
-                Trial(params.confidence, params.alpha, params.reg, rung_index, rung, ndcg, precision, seconds)
+                Trial(
+                    params.confidence,
+                    params.alpha,
+                    params.reg,
+                    rung_index,
+                    rung,
+                    metrics.ndcg,
+                    metrics.precision,
+                    seconds,
+                )
             )
             bar.update(params.iterations)
             elapsed = time.perf_counter() - started
@@ -252,9 +227,7 @@ def tune(
         trials.extend(rung_trials)
         if stopped_early and len(rung_trials) < len(alive):
             log.warning("tuning stopped early at rung %d: over its time budget", rung_index)
-            if not last_complete:
-                last_complete = rung_trials
-            break
+            break  # (never at rung 0: the best of the last complete rung wins)
         last_complete = rung_trials
         ranked = sorted(range(len(alive)), key=lambda j: (-rung_trials[j].ndcg, -rung_trials[j].precision))
         alive = [alive[j] for j in ranked[: max(1, math.ceil(len(alive) / settings.eta))]]
