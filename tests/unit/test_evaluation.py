@@ -70,3 +70,42 @@ def test_errors():
         ranking_metrics(np.ones((10, 2), np.float32), np.ones((10, 2), np.float32), train, test)
     with pytest.raises(EvaluationError, match="do not match"):
         ranking_metrics(np.ones((3, 2), np.float32), np.ones((10, 2), np.float32), train, test)
+
+
+@pytest.mark.parametrize("n_items", [7, 300, 640, 701, 5000])
+def test_top_k_rows_equals_a_full_sort(n_items):
+    """The chunk-bound top-k: the same items in the same order as sorting every score (ties by index)."""
+    from batch.evaluation import top_k_rows
+
+    rng = np.random.default_rng(n_items)
+    scores = rng.standard_normal((41, n_items)).astype(np.float32)
+    scores[:, rng.integers(0, n_items, n_items // 3)] = -np.inf  # training items
+    scores[3] = np.round(scores[3])  # many ties
+    scores[5, : n_items - 2] = -np.inf  # a user who streamed nearly everything
+    scores[7, 0] = np.nan
+    k = min(10, n_items)
+    keyed = np.where(np.isnan(scores), -np.inf, scores)
+    want = np.lexsort((np.broadcast_to(np.arange(n_items), scores.shape), -keyed), axis=1)[:, :k]
+    got = top_k_rows(scores, k)
+    finite = [r for r in range(41) if r != 7]
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert got.shape == (41, k) and len(set(got[7].tolist())) == k
+
+
+def test_metrics_match_a_dense_reference_on_random_models():
+    plays = random_plays(300, 2000, 0.01, seed=9)
+    train, test = holdout_split(plays, 0.2, seed=2)
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((300, 6)).astype(np.float32), rng.standard_normal((2000, 6)).astype(np.float32)
+    m = ranking_metrics(X, Y, train, test, 10)
+    scores = X @ Y.T
+    scores[train.toarray() > 0] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    relevant = test.toarray() > 0
+    hits = np.take_along_axis(relevant, top, axis=1)[users]
+    n_rel = relevant[users].sum(axis=1)
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    ndcg = (hits @ discounts) / np.cumsum(discounts)[np.minimum(n_rel, 10) - 1]
+    assert m.precision == pytest.approx(hits.sum(axis=1).mean() / 10, rel=1e-9)
+    assert m.ndcg == pytest.approx(ndcg.mean(), rel=1e-9)
