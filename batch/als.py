@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from batch.confidence import CONFIDENCE_KINDS, ConfidenceKind, confidence_matrix
-from batch.solvers import SOLVERS, Solver, half_step, row_chunks, single_threaded_blas
+from batch.solvers import SOLVERS, Solver, half_step, row_chunks, row_regularisation, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class AlsParams:
     iterations: int = 20
     alpha: float = 2.0
     reg: float = 20.0
+    #: frequency scaling of reg (Rendle et al. 2021): row u's lambda is reg * n_u ** reg_exp with n_u its
+    #: number of non-zeros (batch.solvers.row_regularisation); 0 = Hu et al.'s constant lambda, 1 = ALS-WR
+    reg_exp: float = 0.0
     confidence: ConfidenceKind = "log"
     eps: float = 1.0
     solver: Solver = "cg"
@@ -48,6 +51,8 @@ class AlsParams:
             raise AlsParamsError(f"alpha must be a positive number, got {self.alpha}")
         if not (self.reg >= 0 and np.isfinite(self.reg)):
             raise AlsParamsError(f"reg must be a number >= 0, got {self.reg}")
+        if not (0 <= self.reg_exp <= 2):
+            raise AlsParamsError(f"reg_exp must be a number in [0, 2], got {self.reg_exp}")
         if self.confidence not in CONFIDENCE_KINDS:
             raise AlsParamsError(f"confidence must be one of {', '.join(CONFIDENCE_KINDS)}, got {self.confidence!r}")
         if self.eps <= 0:
@@ -91,9 +96,12 @@ def _gram(factors: np.ndarray, block: int = 65536) -> np.ndarray:
     return out
 
 
-def hu_loss(cm1: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarray, reg: float) -> float:
+def hu_loss(
+    cm1: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarray, reg: float, reg_exp: float = 0.0
+) -> float:
     """Hu et al. loss `sum c (p - x.y)^2 + reg (|X|^2 + |Y|^2)` over ALL user x item pairs (float64).
 
+    With reg_exp > 0 each row's squared norm is weighted by its own lambda (`row_regularisation`).
     cm1: CSR (n_users, n_items) of `c - 1`. Uses `sum_all (x.y)^2 = <X^T X, Y^T Y>` so the cost is
     O(nnz k + (n + m) k^2); temporaries stay small (row blocks, 8K non-zeros at a time).
     """
@@ -111,7 +119,13 @@ def hu_loss(cm1: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarr
         ).astype(np.float64)
         c = data[s:e].astype(np.float64) + 1.0
         total += float(np.sum(c * (1.0 - d) ** 2 - d**2))
-    total += reg * (float(np.trace(gram_x)) + float(np.trace(gram_y)))
+    if reg_exp == 0:
+        total += reg * (float(np.trace(gram_x)) + float(np.trace(gram_y)))
+    else:
+        user_reg = row_regularisation(reg, reg_exp, np.diff(cm1.indptr))
+        item_reg = row_regularisation(reg, reg_exp, np.bincount(cm1.indices, minlength=cm1.shape[1]))
+        total += float(user_reg @ np.einsum("ij,ij->i", X, X, dtype=np.float64))
+        total += float(item_reg @ np.einsum("ij,ij->i", Y, Y, dtype=np.float64))
     return total
 
 
@@ -164,13 +178,13 @@ def train_als(
     bar = tqdm(range(1, params.iterations + 1), desc="ALS", unit="it", disable=not show_progress)
     for iteration in bar:
         start = time.perf_counter()
-        X = half_step(cm1, Y, X, params.reg, params.solver, params.cg_steps, n_threads)
-        Y = half_step(cm1_t, X, Y, params.reg, params.solver, params.cg_steps, n_threads)
+        X = half_step(cm1, Y, X, params.reg, params.solver, params.cg_steps, n_threads, reg_exp=params.reg_exp)
+        Y = half_step(cm1_t, X, Y, params.reg, params.solver, params.cg_steps, n_threads, reg_exp=params.reg_exp)
         result.seconds.append(time.perf_counter() - start)
         result.user_factors, result.item_factors = X, Y
         if compute_loss:
             with single_threaded_blas():  # like the half-steps: BLAS threads only contend on a busy box
-                result.losses.append(hu_loss(cm1, X, Y, params.reg) / norm)
+                result.losses.append(hu_loss(cm1, X, Y, params.reg, params.reg_exp) / norm)
             bar.set_postfix(loss=f"{result.losses[-1]:.6f}", s_per_it=f"{result.seconds[-1]:.2f}")
         if callback is not None:
             callback(iteration, result)

@@ -80,23 +80,35 @@ def _assemble_block(
     return S, b
 
 
-def solve_assembled(S: np.ndarray, b: np.ndarray, gram_reg: np.ndarray) -> np.ndarray:
-    """x = (gram_reg + S_u)^-1 b_u for every row: (n, k) float32; rows with b = 0 and S = 0 give 0."""
+def solve_assembled(
+    S: np.ndarray, b: np.ndarray, gram_reg: np.ndarray, row_reg: np.ndarray | None = None
+) -> np.ndarray:
+    """x = (gram_reg + row_reg_u I + S_u)^-1 b_u for every row: (n, k) float32; rows with b = 0 and S = 0
+    give 0. row_reg: None, or each row's own lambda (n,) when it varies by row (gram_reg then holds G)."""
     if len(S) == 0:
         return np.zeros((0, gram_reg.shape[0]), dtype=np.float32)
     A = S + gram_reg
+    if row_reg is not None:
+        diagonal = np.arange(A.shape[1])
+        A[:, diagonal, diagonal] += np.asarray(row_reg, dtype=np.float64)[:, None]
     return np.linalg.solve(A, b[:, :, None])[:, :, 0].astype(np.float32)
 
 
 def solve_rows_exact(
-    indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray, other: np.ndarray, gram_reg: np.ndarray
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    weights: np.ndarray,
+    other: np.ndarray,
+    gram_reg: np.ndarray,
+    row_reg: np.ndarray | None = None,
 ) -> np.ndarray:
     """Solve every row of a CSR pattern exactly; returns (n_rows, k) float32 (zero for empty rows).
 
-    weights (nnz,) = c - 1; gram_reg (k, k) float64 = other^T other + reg I.
+    weights (nnz,) = c - 1; gram_reg (k, k) float64 = other^T other + reg I, or other^T other alone with
+    row_reg (n_rows,) each row's lambda.
     """
     weights = np.asarray(weights, dtype=np.float64)
     S, b = assemble_rows(indptr, indices, weights, 1.0 + weights, other)
-    out = solve_assembled(S, b, gram_reg)
+    out = solve_assembled(S, b, gram_reg, row_reg)
     out[np.diff(indptr) == 0] = 0.0
     return out

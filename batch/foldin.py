@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from batch.als import AlsParams
 from batch.confidence import confidence_matrix
 from batch.exact import solve_rows_exact
+from batch.solvers import row_regularisation
 
 
 class FoldInError(ValueError):
@@ -31,7 +32,8 @@ def fold_in(
 
     fixed_factors: (n_fixed, k) factors of the other side, held fixed. gram: optional cached
     `fixed_factors.T @ fixed_factors` (k, k), which the stream keeps per model version.
-    Rows without any streams get the zero vector.
+    Rows without any streams get the zero vector. With `params.reg_exp` > 0 a row's lambda scales with its
+    number of non-zeros here, exactly as in the batch half-step.
     """
     plays = sp.csr_matrix(plays, dtype=np.float32)
     if plays.shape[1] != fixed_factors.shape[0]:
@@ -47,8 +49,12 @@ def fold_in(
     if gram is None:
         Y = np.asarray(fixed_factors, dtype=np.float64)
         gram = Y.T @ Y
-    gram_reg = np.asarray(gram, dtype=np.float64) + params.reg * np.eye(k)
-    return solve_rows_exact(cm1.indptr, cm1.indices, cm1.data.astype(np.float64), fixed_factors, gram_reg)
+    gram = np.asarray(gram, dtype=np.float64)
+    if params.reg_exp == 0:
+        row_reg, gram_reg = None, gram + params.reg * np.eye(k)
+    else:  # each row's lambda from its own number of plays, as the batch half-step scales it
+        row_reg, gram_reg = row_regularisation(params.reg, params.reg_exp, np.diff(cm1.indptr)), gram
+    return solve_rows_exact(cm1.indptr, cm1.indices, cm1.data.astype(np.float64), fixed_factors, gram_reg, row_reg)
 
 
 def fold_in_users(

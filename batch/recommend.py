@@ -13,6 +13,7 @@ import numpy as np
 from batch.als import AlsParams
 from batch.confidence import confidence_minus_one
 from batch.model_store import Model
+from batch.solvers import row_regularisation
 
 PLAYS_ARRAYS = ("plays_indptr", "plays_indices", "plays_counts")
 
@@ -64,7 +65,11 @@ def explain_score(
     k = Y.shape[1]
     cm1 = confidence_minus_one(counts, params.alpha, params.confidence, params.eps).astype(np.float64)
     Yu = Y[streamed]
-    A = (Y.T @ Y if gram is None else gram) + (Yu * cm1[:, None]).T @ Yu + params.reg * np.eye(k)
+    A = (
+        (Y.T @ Y if gram is None else gram)
+        + (Yu * cm1[:, None]).T @ Yu
+        + float(row_regularisation(params.reg, params.reg_exp, np.array([len(Yu)]))[0]) * np.eye(k)
+    )
     weights = np.linalg.solve(A, Yu.T)  # W_u y_j for every streamed j: (k, n_streamed)
     similarity = Y[item] @ weights  # s_ij
     contributions = similarity * (1.0 + cm1)

@@ -2,9 +2,11 @@
 
 For each row u (a user, or a track in the item half-step) with confidence pattern `C_u`:
 
-    (G + lambda I + Y_u^T diag(c_u - 1) Y_u) x_u = Y_u^T c_u        where G = Y^T Y
+    (G + lambda_u I + Y_u^T diag(c_u - 1) Y_u) x_u = Y_u^T c_u        where G = Y^T Y
 
-`Y_u` are the factor rows of the tracks u streamed. Two solvers:
+`Y_u` are the factor rows of the tracks u streamed; `lambda_u = reg * n_u ** reg_exp` (`row_regularisation`:
+n_u the row's number of non-zeros; reg_exp 0, the default, is Hu et al.'s constant lambda, 1 is ALS-WR's
+and Spark's weighted-lambda, Rendle et al. 2021's frequency scaling in between). Two solvers:
 
 - ``cg``: a few conjugate-gradient steps warm-started from the current `x_u` (implicit's default: 3),
   in float32, with implicit's iterates (a row stops once its residual norm is below 1e-20). Never
@@ -88,6 +90,18 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def row_regularisation(reg: float, reg_exp: float, degree: np.ndarray) -> np.ndarray:
+    """lambda per row (float64, shaped like `degree`): `reg * degree ** reg_exp`, 0 for rows without plays.
+
+    degree: each row's number of non-zeros (tracks a user streamed, listeners of a track). Fold-in and the
+    stream use the same function, so a folded-in vector stays the exact half-step solution.
+    """
+    degree = np.asarray(degree, dtype=np.float64)
+    if reg_exp == 0:
+        return np.where(degree > 0, float(reg), 0.0)
+    return float(reg) * np.power(degree, float(reg_exp), where=degree > 0, out=np.zeros_like(degree))
+
+
 def row_chunks(indptr: np.ndarray, target_nnz: int, max_rows: int) -> Iterator[tuple[int, int]]:
     """Split rows [0, n) into consecutive ranges holding about `target_nnz` non-zeros each."""
     n_rows = len(indptr) - 1
@@ -167,8 +181,12 @@ def _cg_padded(
     gram_reg: np.ndarray,
     x: np.ndarray,
     steps: int,
+    row_reg: np.ndarray | None = None,
 ) -> np.ndarray:
     """CG steps for a group of rows of similar degree, in the sparse form; returns their new x (h, k).
+
+    gram_reg: G + reg I (k, k) float32; row_reg: None, or the rows' own lambda (h,) float32 when it
+    varies by row (then gram_reg is G alone).
 
     The factor rows of each row's non-zeros are gathered once into a (h, width, k) block, padded to
     the group's largest degree with weight-0 entries; `A p = G p + Y_u^T diag(c_u - 1) Y_u p` is then
@@ -203,17 +221,23 @@ def _cg_padded(
             out += np.matmul(weights[:, None, :], Y3)[:, 0, :]
         return out
 
+    def regularised(v: np.ndarray) -> np.ndarray:  # (G + lambda_u I) v_u, a new array
+        out = v @ gram_reg
+        if row_reg is not None:
+            out += row_reg[:, None] * v
+        return out
+
     def apply(v: np.ndarray) -> np.ndarray:
         d = rowdot(v)
         d *= conf
-        return combine(d, v @ gram_reg)
+        return combine(d, regularised(v))
 
     x = x.copy()
     # r = b - A x with b = Y_u^T c_u in one pass: weights c - (c - 1) (y . x) on the real entries
     d = rowdot(x)
     d *= conf
     np.subtract(conf + (np.float32(1.0) if pref is None else pref), d, out=d)
-    r = combine(d, -(x @ gram_reg))
+    r = combine(d, -regularised(x))
     return _cg_iterate(x, r, steps, apply)
 
 
@@ -226,6 +250,7 @@ def _cg_dense(
     gram_reg: np.ndarray,
     x: np.ndarray,
     steps: int,
+    row_reg: np.ndarray | None = None,
 ) -> np.ndarray:
     """CG steps for a group of rows with very many non-zeros each, from their k x k systems.
 
@@ -272,6 +297,9 @@ def _cg_dense(
         else:  # Z^T Z with Z = diag(sqrt(w)) Y: numpy hands it to SYRK
             S += np.matmul(Z.transpose(0, 2, 1), Z)
     S += gram_reg
+    if row_reg is not None:
+        diagonal = np.arange(k)
+        S[:, diagonal, diagonal] += row_reg[:, None]
     x = x.copy()
 
     def apply(v: np.ndarray) -> np.ndarray:
@@ -300,8 +328,9 @@ def _dense_groups(rows: np.ndarray, degree: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-def _dense_work(indptr, indices, data, rows, other, gram_reg, x, out, steps) -> None:
-    out[rows] = _cg_dense(indptr, indices, data, rows, other, gram_reg, x[rows], steps)
+def _dense_work(indptr, indices, data, rows, other, gram_reg, x, out, steps, row_reg) -> None:
+    rr = None if row_reg is None else row_reg[rows]
+    out[rows] = _cg_dense(indptr, indices, data, rows, other, gram_reg, x[rows], steps, rr)
 
 
 def half_step(
@@ -313,12 +342,14 @@ def half_step(
     cg_steps: int = 3,
     n_threads: int | None = None,
     gram: np.ndarray | None = None,
+    reg_exp: float = 0.0,
 ) -> np.ndarray:
     """Solve all rows of `cm1` against fixed `other` factors.
 
     cm1: CSR (n_rows, n_other) of `c - 1` (float32, sorted indices; the pattern is the preference).
     other: (n_other, k) float32 fixed factors. x: (n_rows, k) float32 current factors (the CG warm
     start; ignored by the exact solver). gram: optional precomputed `other.T @ other` (k, k).
+    reg, reg_exp: row u's lambda is `reg * n_u ** reg_exp` (`row_regularisation`; n_u = its non-zeros).
     n_threads: worker threads; None = one per PARALLEL_MIN_NNZ non-zeros, at most `default_threads()`.
     Returns the new (n_rows, k) float32 factors (a new array; `x` is not modified).
     """
@@ -331,10 +362,10 @@ def half_step(
     if cg_steps < 1:
         raise SolverError(f"cg_steps must be >= 1, got {cg_steps}")
     with single_threaded_blas():
-        return _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram)
+        return _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram, reg_exp)
 
 
-def _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram) -> np.ndarray:
+def _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram, reg_exp) -> np.ndarray:
     other = np.ascontiguousarray(other, dtype=np.float32)
     x = np.asarray(x, dtype=np.float32)
     k = other.shape[1]
@@ -345,24 +376,28 @@ def _half_step(cm1, other, x, reg, solver, cg_steps, n_threads, gram) -> np.ndar
         indptr = indptr.astype(np.int32)
     data = cm1.data.astype(np.float32, copy=False)
     out = np.empty((cm1.shape[0], k), dtype=np.float32)
+    degree = np.diff(indptr)
+    # a constant lambda goes into the shared G + lambda I; a per-row one is added row by row
+    row_reg = None if reg_exp == 0 else row_regularisation(reg, reg_exp, degree)
+    base_reg = reg if row_reg is None else 0.0
 
     if solver == "cg":
-        gram_reg = (gram + reg * np.eye(k)).astype(np.float32)
-        degree = np.diff(indptr)
+        gram_reg = (gram + base_reg * np.eye(k)).astype(np.float32)
+        rr = None if row_reg is None else row_reg.astype(np.float32)
         dense = degree >= DENSE_MIN_DEGREE
         out[degree == 0] = 0.0
         work_items: list[Callable[[], None]] = [
-            partial(_dense_work, indptr, indices, data, rows, other, gram_reg, x, out, cg_steps)
+            partial(_dense_work, indptr, indices, data, rows, other, gram_reg, x, out, cg_steps, rr)
             for rows in _dense_groups(np.flatnonzero(dense), degree)
         ]
         work_items += [
-            partial(_padded_work, indptr, indices, data, rows, other, gram_reg, x, out, cg_steps)
+            partial(_padded_work, indptr, indices, data, rows, other, gram_reg, x, out, cg_steps, rr)
             for rows in reversed(_padded_groups(np.flatnonzero(~dense & (degree > 0)), degree))
         ]
     else:
-        gram_reg64 = gram.astype(np.float64) + reg * np.eye(k)
+        gram_reg64 = gram.astype(np.float64) + base_reg * np.eye(k)
         work_items = [
-            partial(_exact_work, indptr, indices, data, other, gram_reg64, out, lo, hi)
+            partial(_exact_work, indptr, indices, data, other, gram_reg64, out, lo, hi, row_reg)
             for lo, hi in row_chunks(indptr, EXACT_CHUNK_NNZ, 256)
         ]
     if n_threads is None:  # small problems: a pool's GIL hand-offs cost more than a second core gains
@@ -408,13 +443,15 @@ def _padded_groups(rows: np.ndarray, degree: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-def _padded_work(indptr, indices, data, rows, other, gram_reg, x, out, steps) -> None:
-    out[rows] = _cg_padded(indptr, indices, data, rows, other, gram_reg, x[rows], steps)
+def _padded_work(indptr, indices, data, rows, other, gram_reg, x, out, steps, row_reg) -> None:
+    rr = None if row_reg is None else row_reg[rows]
+    out[rows] = _cg_padded(indptr, indices, data, rows, other, gram_reg, x[rows], steps, rr)
 
 
-def _exact_work(indptr, indices, data, other, gram_reg64, out, lo, hi) -> None:
+def _exact_work(indptr, indices, data, other, gram_reg64, out, lo, hi, row_reg) -> None:
     s, e = indptr[lo], indptr[hi]
-    out[lo:hi] = solve_rows_exact(indptr[lo : hi + 1] - s, indices[s:e], data[s:e], other, gram_reg64)
+    rr = None if row_reg is None else row_reg[lo:hi]
+    out[lo:hi] = solve_rows_exact(indptr[lo : hi + 1] - s, indices[s:e], data[s:e], other, gram_reg64, rr)
 
 
 def _run(work_items: list[Callable[[], None]], n_threads: int | None) -> None:

@@ -13,7 +13,8 @@ How playrec's parameters map onto Spark's (docs/SPARK.md has the evidence):
 - regularisation: Spark follows ALS-WR and scales `regParam` by the number of ratings of the row
   being solved (lambda_u = regParam * n_u, lambda_i = regParam * n_i), where playrec (Hu et al.) uses
   one constant lambda. By default `regParam = reg / (mean tracks per user)`, so the average user gets
-  playrec's lambda (`spark_reg_param`); `reg_param=` overrides it.
+  playrec's lambda (`spark_reg_param`); `reg_param=` overrides it. With `reg_exp=1` playrec scales lambda
+  the same way (ALS-WR), so `regParam = reg` exactly; other `reg_exp` values have no Spark equivalent.
 - rank = factors, maxIter = iterations, seed = seed. Spark's initial factors and its exact Cholesky
   solves differ from playrec's (uniform start, conjugate gradient by default), so the factors are not
   equal, only comparably good.
@@ -86,8 +87,11 @@ def spark_ratings(plays: sp.csr_matrix, params: AlsParams) -> np.ndarray:
     return np.log1p(data / params.eps).astype(np.float32)
 
 
-def spark_reg_param(plays: sp.csr_matrix, reg: float) -> float:
+def spark_reg_param(plays: sp.csr_matrix, reg: float, reg_exp: float = 0.0) -> float:
     """Spark's `regParam` for playrec's constant `reg`: `reg / (mean number of tracks per user)`.
+
+    With `reg_exp=1` (playrec's lambda_r = reg * n_r, Spark's own scaling) it is `reg` itself; any other
+    reg_exp raises `AlsParamsError` (Spark cannot scale lambda by n_r ** reg_exp).
 
     Spark solves row r with lambda_r = regParam * n_r (n_r = the row's number of ratings, ALS-WR);
     playrec uses lambda_r = reg for every user and track. No single regParam matches every row; this
@@ -95,6 +99,13 @@ def spark_reg_param(plays: sp.csr_matrix, reg: float) -> float:
     alike, while a track's lambda grows with its listeners (playrec shrinks rarely played tracks
     harder). docs/SPARK.md has the measurements behind the choice. Returns `reg` for an empty matrix.
     """
+    if reg_exp == 1:
+        return float(reg)
+    if reg_exp != 0:
+        raise AlsParamsError(
+            f"--engine spark scales reg by each row's number of plays (reg_exp 1) or approximates a constant "
+            f"reg (reg_exp 0); reg_exp={reg_exp:g} has no Spark equivalent: use 0 or 1, or the numpy engine"
+        )
     plays = sp.csr_matrix(plays)
     users = int(np.count_nonzero(np.diff(plays.indptr)))
     if plays.nnz == 0 or users == 0:
@@ -214,7 +225,8 @@ def train_spark(
         stopped here; spark_conf: extra Spark settings for it (they override playrec's defaults, e.g.
         `{"spark.driver.memory": "2g"}`). Both are ignored when `spark` (an existing SparkSession,
         left running) is given.
-    reg_param: Spark's regParam as is; default `spark_reg_param(plays, params.reg)` (module docstring).
+    reg_param: Spark's regParam as is; default `spark_reg_param(plays, params.reg, params.reg_exp)`
+        (module docstring).
     blocks: numUserBlocks = numItemBlocks; default max(10, the session's default parallelism).
     checkpoint_dir: where ALS checkpoints its lineage every 10 iterations; default a temporary
         directory for local masters and none on a cluster (set one on shared storage for > 30 iterations).
@@ -236,8 +248,8 @@ def train_spark(
         raise AlsParamsError(f"reg_param must be a number >= 0, got {reg_param}")
     if blocks is not None and blocks < 1:
         raise AlsParamsError(f"blocks must be >= 1, got {blocks}")
+    regp = spark_reg_param(plays, params.reg, params.reg_exp) if reg_param is None else float(reg_param)
     _import_pyspark()
-    regp = spark_reg_param(plays, params.reg) if reg_param is None else float(reg_param)
     workdir = Path(tempfile.mkdtemp(prefix="playrec-spark-"))
     try:
         if spark is not None:

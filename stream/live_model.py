@@ -29,6 +29,7 @@ from batch.forests import load_forests
 from batch.history import history_arrays
 from batch.model_store import Model
 from batch.serving import EXACT_SCAN_ITEMS, Scored, ServingModel, UnknownTrackError, stored_plays
+from batch.solvers import row_regularisation
 from index.search import ragged_ranges
 
 __all__ = ["EXACT_SCAN_ITEMS", "LiveModel", "Scored", "UnknownTrackError", "UserChange"]
@@ -141,7 +142,7 @@ class LiveModel(ServingModel):
         self._generation = 0  # bumped by add_tracks: systems solved across a change are not cached
         #: G + reg I, replaced (never mutated) by add_tracks, and the last GRAM_LOG_MAX rank-one changes of
         #: G as (weight +-1, vector) with their total count: cached inverses catch up with them.
-        self._gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
+        self._gram_reg = self._regularised(self.item_gram)
         self._gram_log: list[tuple[float, np.ndarray]] = []
         self._gram_total = 0
         self._base_inv: tuple[int, np.ndarray] | None = None  # (gram_total, (G + reg I)^-1)
@@ -149,6 +150,15 @@ class LiveModel(ServingModel):
         #: full counts are their history plus what streamed, exactly what a retrain trains on.
         self._history = history_arrays(model)
         self._training_cache: dict[str, dict[str, float]] = {}
+
+    def _regularised(self, gram: np.ndarray) -> np.ndarray:
+        """G + reg I, or G alone when the model scales reg by each user's tracks (`reg_exp` > 0: every
+        system then gets its own lambda, `row_regularisation`, and is rebuilt rather than cached)."""
+        return gram + (self.params.reg if self.params.reg_exp == 0 else 0.0) * np.eye(self.k)
+
+    def track_regularisation(self, listeners: int) -> float:
+        """lambda of a track's item half-step with `listeners` listeners (reg, or reg * n ** reg_exp)."""
+        return float(row_regularisation(self.params.reg, self.params.reg_exp, np.array([listeners]))[0])
 
     def training_counts(self, user: str) -> dict[str, float]:
         """The user's streams in the lineage's history, i.e. not in the stream ({} for a stream-only
@@ -210,7 +220,8 @@ class LiveModel(ServingModel):
         group of solutions as soon as it is solved: the users rebuilt from full counts first (users new to
         the stream, who have no vector yet), then each chunk of cached users.
         """
-        changes = changes or {}
+        # with frequency-scaled reg a new track changes the user's lambda (a rank-k change): no rank-one cache
+        changes = (changes or {}) if self.params.reg_exp == 0 else {}
         incremental: list[str] = []
         slots: list[int] = []
         rebuild: list[str] = []
@@ -242,9 +253,14 @@ class LiveModel(ServingModel):
                 self._remember(rebuild, P, b, known, news, changes, generation, gram_total)
                 solved = self._solve(rebuild, P, b, known, inverted=True)
             else:
-                S, b, known, news = self._build_systems({u: counts[u] for u in rebuild})
+                S, b, degree, news = self._build_systems({u: counts[u] for u in rebuild})
                 S += gram_reg
-                solved = self._solve(rebuild, S, b, known)
+                if self.params.reg_exp != 0:
+                    diagonal = np.arange(self.k)
+                    S[:, diagonal, diagonal] += row_regularisation(self.params.reg, self.params.reg_exp, degree)[
+                        :, None
+                    ]
+                solved = self._solve(rebuild, S, b, degree > 0)
             out.update(solved)
             if on_solved is not None and solved:
                 on_solved(solved)
@@ -360,10 +376,11 @@ class LiveModel(ServingModel):
     def _build_systems(
         self, counts: Mapping[str, Mapping[str, float]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
-        """S (n, k, k), b (n, k), known (n,) and non-model tracks from every streamed track of each user."""
+        """S (n, k, k), b (n, k), each user's number of known streamed tracks (n,) and their non-model tracks
+        from every streamed track of each user."""
         indptr, cols, w, vectors, news = self._full_plays(counts)
         S, b = assemble_rows(indptr, cols, w, 1.0 + w, vectors)
-        return S, b, np.diff(indptr) > 0, news
+        return S, b, np.diff(indptr), news
 
     def _build_inverses(
         self, counts: Mapping[str, Mapping[str, float]], gram_reg: np.ndarray, gram_total: int
@@ -544,7 +561,7 @@ class LiveModel(ServingModel):
                         self._free.append(slot)
             # copy-on-write: a fold-in running in a thread keeps a consistent gram
             changed, fresh = self._store_tracks(vectors)
-            self._gram_reg = self.item_gram + self.params.reg * np.eye(self.k)
+            self._gram_reg = self._regularised(self.item_gram)
             # cached inverses catch up with the last GRAM_LOG_MAX changes; older ones are rebuilt
             self._gram_log = (self._gram_log + changed)[-GRAM_LOG_MAX:]
             self._gram_total += len(changed)

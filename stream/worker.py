@@ -940,7 +940,7 @@ class StreamWorker:
     async def _publish_track(self, live: LiveModel, track: str, track_stats: TrackStats) -> asyncio.Future:
         """Solve `track` from its statistics against the live X^T X and announce it on `track-vectors`;
         returns the record's delivery future."""
-        vector = track_stats.solve(live.user_gram, live.params.reg)
+        vector = track_stats.solve(live.user_gram, live.track_regularisation(track_stats.listeners))
         self.metrics.track_fold_ins.inc()
         body = {
             "track": track,

@@ -64,6 +64,10 @@ def test_reg_param_gives_the_average_user_playrec_lambda():
     # Spark's lambda_u = regParam * n_u; averaged over the users with streams it is playrec's reg
     assert np.mean(reg_param * np.array([2, 1])) == pytest.approx(0.3)
     assert spark_reg_param(sp.csr_matrix((2, 2), dtype=np.float32), 0.1) == 0.1
+    # playrec's frequency-scaled reg with exponent 1 is Spark's own scaling: regParam = reg exactly
+    assert spark_reg_param(plays, 0.3, reg_exp=1.0) == 0.3
+    with pytest.raises(AlsParamsError, match=r"reg_exp=0\.5 has no Spark equivalent"):
+        spark_reg_param(plays, 0.3, reg_exp=0.5)
 
 
 def test_missing_pyspark_names_the_extra(monkeypatch):
