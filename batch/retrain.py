@@ -45,6 +45,7 @@ from batch.plays import PlayCounts
 from batch.report import history, write_report
 from batch.snapshot import snapshot_counts
 from batch.training import EVAL_MAX_USERS, Trainer, numpy_trainer, train_and_publish
+from batch.tuning import TuneResult, TuneSettings, tune
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class RetrainConfig:
     skip_bad_records: bool = False
     client_kwargs: dict | None = None
     show_progress: bool = False
+    #: choose the parameters each cycle (batch.tuning) on a validation split of the gate's training part;
+    #: warm-started around the live model's own tuned choice when it has one
+    tuning: TuneSettings | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in GATE_METRICS:
@@ -105,11 +109,20 @@ class RetrainOutcome:
     live: Metrics | None
     live_version: str | None
     timings: dict[str, float]
+    tuning: TuneResult | None = None  # the cycle's search (RetrainConfig.tuning)
 
 
 def _params_of(model: Model) -> AlsParams:
     params = model.manifest.get("parameters") or {}
     return AlsParams(**params) if params else AlsParams(factors=model.factors)
+
+
+def warm_start(live: Model | None) -> AlsParams | None:
+    """The live model's parameters when a search chose them (its manifest's `training.tuning`): the next
+    search looks around them (`candidate_grid(around=...)`); None: search the full grid."""
+    if live is None or not (live.manifest.get("training") or {}).get("tuning"):
+        return None
+    return _params_of(live)
 
 
 def foldin_metrics(
@@ -208,8 +221,15 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
     start = time.perf_counter()
     seed = config.params.seed
     train, test = holdout_split(counts.matrix, config.holdout, seed=seed, min_items=GATE_MIN_ITEMS)
-    candidate_result = config.trainer(train, config.params, config.show_progress)
-    candidate = foldin_metrics(candidate_result.item_factors, config.params, train, test, seed=seed)
+    params, tuned = config.params, None
+    if config.tuning is not None:
+        around = warm_start(live_model)
+        tuned = tune(train, config.params, config.tuning, around=around, show_progress=config.show_progress)
+        params = tuned.choice
+        timings["tune_s"] = tuned.seconds
+        log.info("tuned (%s): %s", "around the live choice" if around else "full grid", params.to_dict())
+    candidate_result = config.trainer(train, params, config.show_progress)
+    candidate = foldin_metrics(candidate_result.item_factors, params, train, test, seed=seed)
     baseline = ranking_metrics(*popularity_factors(train), train, test, 10, EVAL_MAX_USERS, seed)
     timings["evaluate_s"] = time.perf_counter() - start
     live, how = None, None
@@ -221,7 +241,7 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
     log.info("gate (%d users, live: %s): %s", candidate.users, how, reason)
     live_version = live_model.version if live_model else None
     if not ok:
-        return RetrainOutcome(False, reason, None, candidate, live, live_version, timings)
+        return RetrainOutcome(False, reason, None, candidate, live, live_version, timings, tuned)
     past = history(config.store)
     source = {**snap.source(), "source": "stream" if merged.history is None else "history+stream"}
     body = {
@@ -238,6 +258,7 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
         "popularity": baseline.to_dict(),
         "watermark": snap.source(),
         "timings": timings,
+        **({"tuning": tuned.to_dict()} if tuned is not None else {}),
     }
 
     def report(directory, result) -> dict:
@@ -247,7 +268,7 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
     published = train_and_publish(
         counts,
         config.store,
-        config.params,
+        params,
         holdout=config.holdout,
         source=source,
         extra=report,
@@ -258,9 +279,10 @@ def retrain_once(config: RetrainConfig) -> RetrainOutcome:
         announce=config.announce,
         history=merged.history,
         lineage=lineage_fields(live_model, merged.history),
+        tuning=tuned,
     )
     timings["publish_s"] = time.perf_counter() - start
-    return RetrainOutcome(True, reason, published.version, candidate, live, live_version, timings)
+    return RetrainOutcome(True, reason, published.version, candidate, live, live_version, timings, tuned)
 
 
 def retrain_forever(config: RetrainConfig, every_s: float, stop: threading.Event) -> None:

@@ -84,7 +84,7 @@ def train_and_publish(
     announce: Callable[[str], None] | None = None,
     history: sp.csr_matrix | None = None,
     lineage: dict[str, Any] | None = None,
-    tuning: TuneSettings | None = None,
+    tuning: TuneSettings | TuneResult | None = None,
 ) -> TrainReport:
     """Evaluate (unless holdout == 0), train on all plays, build the forests and publish to `store`.
 
@@ -99,12 +99,15 @@ def train_and_publish(
     given: `counts` is all history (a file), which the workers add to what streams.
     tuning: choose confidence, alpha and reg first (batch.tuning) on a validation split of the plays the
     holdout evaluation trains on (all plays with holdout 0), so the reported holdout is never seen;
-    `params` gives the rest (factors, iterations, seed) and the published parameters are the choice.
+    `params` gives the rest (factors, iterations, seed) and the published parameters are the choice. A
+    `TuneResult` is a search run already (the retrain's, on the gate's training part): its choice is used.
     """
     timings: dict[str, float] = {}
     metrics, baseline = evaluation if evaluation is not None else (None, None)
     tuned: TuneResult | None = None
-    if tuning is not None:
+    if isinstance(tuning, TuneResult):
+        tuned, params = tuning, tuning.choice
+    elif tuning is not None:
         start = time.perf_counter()
         tuned = tune_on_training_part(counts, params, tuning, holdout if evaluation is None else 0.0, show_progress)
         params = tuned.choice

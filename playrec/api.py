@@ -28,6 +28,7 @@ from batch.forests import ForestParams, make_forests
 from batch.plays import PlayCounts
 from batch.serving import EXACT_SCAN_ITEMS, Scored, SearchMode, ServingModel, UnknownTrackError, csr_arrays
 from batch.training import evaluate_params, numpy_trainer, publish_result
+from batch.tuning import TuneResult, TuneSettings, tune
 
 __all__ = ["ALS", "ALSModel", "Evaluation", "ModelStore", "PlayCounts", "Scored"]
 
@@ -55,18 +56,22 @@ class ALS:
         iterations: int = AlsParams.iterations,
         alpha: float = AlsParams.alpha,
         reg: float = AlsParams.reg,
+        reg_exp: float = AlsParams.reg_exp,
         confidence: str = AlsParams.confidence,
         eps: float = AlsParams.eps,
         solver: str = AlsParams.solver,
         cg_steps: int = AlsParams.cg_steps,
         seed: int = AlsParams.seed,
         show_progress: bool = False,
+        tune: bool = False,
+        tune_budget: float = 5.0,
     ) -> None:
         self.params = AlsParams(
             factors=factors,
             iterations=iterations,
             alpha=alpha,
             reg=reg,
+            reg_exp=reg_exp,
             confidence=confidence,
             eps=eps,
             solver=solver,
@@ -74,18 +79,29 @@ class ALS:
             seed=seed,
         )
         self.show_progress = show_progress
+        #: `playrec train --tune`: fit() first chooses confidence, alpha, reg and reg_exp on a validation
+        #: split of the plays (batch.tuning, at most `tune_budget` plain fits); the search is kept in `tuning`
+        self.tune_settings = TuneSettings(budget=tune_budget) if tune else None
+        self.tuning: TuneResult | None = None
 
     def __repr__(self) -> str:
         return f"ALS({', '.join(f'{k}={v!r}' for k, v in self.params.to_dict().items())})"
 
     def fit(self, counts: PlayCounts, search: SearchMode = "auto") -> ALSModel:
-        """Train on `counts` (all of them) and return the fitted model (float32 factors)."""
+        """Train on `counts` (all of them) and return the fitted model (float32 factors); with `tune=True`
+        the parameters are chosen first (`self.tuning` holds every trial; the model's `params` the choice)."""
         if not isinstance(counts, PlayCounts):
             raise TypeError(
                 f"fit() takes PlayCounts (PlayCounts.from_file or .from_arrays), got {type(counts).__name__}"
             )
-        result = numpy_trainer(counts.matrix, self.params, self.show_progress)
-        return ALSModel.from_result(counts, result, self.params, search=search)
+        params = self.params
+        if self.tune_settings is not None:
+            self.tuning = tune(
+                counts.matrix, params, self.tune_settings, counts.last_played, show_progress=self.show_progress
+            )
+            params = self.tuning.choice
+        result = numpy_trainer(counts.matrix, params, self.show_progress)
+        return ALSModel.from_result(counts, result, params, search=search)
 
 
 class ALSModel:

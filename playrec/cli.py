@@ -56,6 +56,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=d.alpha, help=f"confidence scale (default {d.alpha})")
     parser.add_argument("--reg", type=float, default=d.reg, help=f"L2 regularisation lambda (default {d.reg})")
     parser.add_argument(
+        "--reg-exp",
+        type=float,
+        default=d.reg_exp,
+        help="frequency scaling of --reg: each user's and track's lambda is reg * (its number of plays) ** reg-exp "
+        f"(0: one constant lambda, 1: ALS-WR / Spark's; default {d.reg_exp:g})",
+    )
+    parser.add_argument(
         "--confidence",
         choices=("log", "linear"),
         default=d.confidence,
@@ -71,6 +78,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine", choices=("numpy", "spark"), default="numpy", help="ALS engine: playrec's own or Spark MLlib"
     )
     parser.add_argument("--spark-master", default="local[2]", help="Spark master URL for --engine spark")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose --confidence, --alpha, --reg and --reg-exp (0 or 1) on a validation split of the training plays "
+        "(successive halving; the trials go into the manifest; a retrain searches around a tuned live model's "
+        "choice; docs/BENCHMARKS-als.md)",
+    )
+    parser.add_argument(
+        "--tune-budget",
+        type=float,
+        default=5.0,
+        help="--tune: the most work the search may take, in plain fits (default 5)",
+    )
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
     parser.add_argument(
         "--trees", type=_positive_int, default=1, help="trees of each search forest (default 1: leaf-scan search)"
@@ -86,6 +106,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def tune_settings_from_args(args: argparse.Namespace):
+    """TuneSettings for --tune (None without it)."""
+    if not args.tune:
+        return None
+    from batch.tuning import TuneSettings, TuningError
+
+    try:
+        return TuneSettings(budget=args.tune_budget)
+    except TuningError as exc:
+        raise CliError(str(exc)) from None
+
+
+def describe_tuning(t) -> str:
+    """One line for a TuneResult."""
+    c = t.choice
+    return (
+        f"tuned in {t.seconds:.1f} s ({len(t.trials)} trials of {t.candidates} candidates, "
+        f"{t.work:.2f} plain fits): {c.confidence} confidence, alpha {c.alpha:g}, reg {c.reg:g}, reg-exp {c.reg_exp:g}"
+    )
+
+
 def params_from_args(args: argparse.Namespace):
     """(AlsParams, ForestParams | None, trainer) from the shared model flags."""
     from batch.als import AlsParams, AlsParamsError
@@ -98,6 +139,7 @@ def params_from_args(args: argparse.Namespace):
             iterations=args.iterations,
             alpha=args.alpha,
             reg=args.reg,
+            reg_exp=args.reg_exp,
             confidence=args.confidence,
             eps=args.eps,
             solver=args.solver,
@@ -106,6 +148,10 @@ def params_from_args(args: argparse.Namespace):
         )
     except AlsParamsError as exc:
         raise CliError(str(exc)) from None
+    if args.engine == "spark" and params.reg_exp not in (0, 1):
+        raise CliError(
+            f"--engine spark trains --reg-exp 0 or 1 only (Spark scales reg by n ** 1), got {params.reg_exp:g}"
+        )
     forest = None if args.no_index else ForestParams(n_trees=args.trees, seed=args.seed)
     trainer = numpy_trainer
     if args.engine == "spark":
@@ -135,18 +181,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of each user's tracks held out to evaluate before publishing; 0 skips (default 0.2)",
     )
     parser.add_argument("--binarize", action="store_true", help="count every row as one stream (e.g. ratings)")
-    parser.add_argument(
-        "--tune",
-        action="store_true",
-        help="choose --confidence, --alpha and --reg on a validation split of the training plays "
-        "(successive halving; the trials go into the manifest; docs/BENCHMARKS-als.md)",
-    )
-    parser.add_argument(
-        "--tune-budget",
-        type=float,
-        default=5.0,
-        help="--tune: the most work the search may take, in plain fits (default 5)",
-    )
     parser.add_argument(
         "--stream-only",
         action="store_true",
@@ -208,14 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
         source = {"source": "file", "path": str(args.plays.resolve()), "sha256": _file_sha256(args.plays)}
         log.info("read %s: %s; %d users x %d tracks", args.plays, counts.summary.describe(), *counts.shape)
     store = ModelStore(args.out, keep=args.keep)
-    tuning = None
-    if args.tune:
-        from batch.tuning import TuneSettings, TuningError
-
-        try:
-            tuning = TuneSettings(budget=args.tune_budget)
-        except TuningError as exc:
-            raise CliError(str(exc)) from None
+    tuning = tune_settings_from_args(args)
     report = train_and_publish(
         counts,
         store,
@@ -230,12 +257,7 @@ def run_train(args: argparse.Namespace) -> int:
         **history,
     )
     if report.tuning is not None:
-        t = report.tuning
-        print(
-            f"tuned in {t.seconds:.1f} s ({len(t.trials)} trials of {t.candidates} candidates, "
-            f"{t.work:.2f} plain fits): {t.choice.confidence} confidence, "
-            f"alpha {t.choice.alpha:g}, reg {t.choice.reg:g}"
-        )
+        print(describe_tuning(report.tuning))
     if report.metrics is not None:
         print(f"holdout {args.holdout:.0%}: {report.metrics.describe()}")
         print(f"popularity: {report.baseline.describe()}")
@@ -289,6 +311,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     from batch.model_store import ModelStore
     from batch.retrain import RetrainConfig, RetrainError, parse_duration, retrain_forever, retrain_once
     from batch.snapshot import SnapshotError
+    from batch.tuning import TuningError
     from stream.settings import KafkaSecurity
 
     params, forest, trainer = params_from_args(args)
@@ -310,6 +333,7 @@ def run_retrain(args: argparse.Namespace) -> int:
             skip_bad_records=args.skip_bad_records,
             client_kwargs=KafkaSecurity.from_env().kafka_python_kwargs(),
             show_progress=not args.no_progress,
+            tuning=tune_settings_from_args(args),
         )
         every = parse_duration(args.every) if args.every else None
     except RetrainError as exc:
@@ -317,8 +341,10 @@ def run_retrain(args: argparse.Namespace) -> int:
     if every is None:
         try:
             outcome = retrain_once(config)
-        except (SnapshotError, RetrainError) as exc:
+        except (SnapshotError, RetrainError, TuningError) as exc:
             raise CliError(str(exc)) from None
+        if outcome.tuning is not None:
+            print(describe_tuning(outcome.tuning))
         print(f"candidate: {outcome.candidate.describe()}")
         if outcome.live is not None:
             print(f"live {outcome.live_version}: {outcome.live.describe()}")

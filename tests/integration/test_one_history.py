@@ -6,6 +6,7 @@ The tests of this module share one stream (worker, topic prefix, model store) an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -165,9 +166,14 @@ def test_a_second_retrain_counts_no_play_twice(env):
     plays = [(f"listener-{i}", "new-track-1") for i in range(10)]
     plays += [(str(env["file_counts"].user_ids[i]), "new-track-2") for i in range(10)]
     stream(env, plays)
-    version = retrain(env, store)
+    version = retrain(env, store, "--tune", "--tune-budget", "2")  # the live model was not tuned: full grid
     assert version != before
     model = store.load()
+    tuning = model.manifest["training"]["tuning"]
+    assert tuning["warm_start"] is None and tuning["candidates"] >= 2 and tuning["trials"]
+    assert {k: model.manifest["parameters"][k] for k in tuning["choice"]} == tuning["choice"]
+    report = json.loads((model.path / "report.json").read_text())
+    assert report["tuning"]["choice"] == tuning["choice"] and "tune_s" in report["timings"]
     assert model_counts(model) == expected_total(env)  # from scratch: file + all that streamed, once
     assert model_counts(model, history=True) == env["file"]
     assert [e["version"] for e in model.manifest["lineage"]][-1] == before

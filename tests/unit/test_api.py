@@ -70,6 +70,19 @@ def test_fit_returns_the_trained_factors(counts, model):
         ALS().fit(counts.matrix)
 
 
+def test_fit_with_tune_trains_the_choice_of_the_same_search_as_train_tune(counts):
+    from batch.tuning import TuneSettings, tune
+
+    als = ALS(**SMALL, tune=True, tune_budget=3)
+    fitted = als.fit(counts)
+    search = tune(counts.matrix, ALS(**SMALL).params, TuneSettings(budget=3), counts.last_played, show_progress=False)
+    assert als.tuning is not None and als.tuning.choice == search.choice and len(als.tuning.trials) > 1
+    assert fitted.params == search.choice
+    result = train_als(counts.matrix, search.choice, show_progress=False)
+    np.testing.assert_array_equal(fitted.item_factors, result.item_factors)
+    assert ALS(**SMALL, reg_exp=1.0).params.reg_exp == 1.0
+
+
 def test_recommend_is_the_exact_top_k_without_streamed(counts, model):
     scores = np.asarray(model.user_factors) @ np.asarray(model.item_factors).T
     for user in ("user0", "user7", "user42"):

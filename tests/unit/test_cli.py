@@ -40,6 +40,8 @@ def test_train_publishes_the_contract_files(tmp_path, plays_file, capsys, reques
         "2",
         "--reg",
         "0.5",
+        "--reg-exp",
+        "1",
         "--seed",
         "3",
         "--confidence",
@@ -61,6 +63,7 @@ def test_train_publishes_the_contract_files(tmp_path, plays_file, capsys, reques
     assert model.user_factors.shape[1] == 8 and model.user_factors.dtype == np.float32
     params = model.manifest["parameters"]
     assert params["alpha"] == 2 and params["reg"] == 0.5 and params["confidence"] == "linear" and params["seed"] == 3
+    assert params["reg_exp"] == 1
     assert model.manifest["metrics"]["model"]["precision"] >= 0
 
     user = str(model.user_ids[0])
@@ -121,5 +124,14 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "bad.csv:2: plays must be a finite number >= 0" in capsys.readouterr().err
     assert main(["recommend", "u", "--store", str(tmp_path / "empty")]) == 2
     assert "no model published" in capsys.readouterr().err
+    good = tmp_path / "good.csv"
+    good.write_text("a,x,1\nb,y,2\n")
+    assert main(["train", "--plays", str(good), "--out", str(tmp_path / "s"), "--reg-exp", "3"]) == 2
+    assert "reg_exp must be a number in [0, 2]" in capsys.readouterr().err
+    assert (
+        main(["train", "--plays", str(good), "--out", str(tmp_path / "s"), "--reg-exp", "0.5", "--engine", "spark"])
+        == 2
+    )
+    assert "--engine spark trains --reg-exp 0 or 1 only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--plays", str(bad), "--out", "x", "--holdout", "1.5"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_successive_halving_keeps_the_best_third_and_chooses_the_best_of_the_las
         best_below = sorted(lower, key=lambda t: (-t.ndcg, -t.precision))[: len(upper)]
         assert {t.key() for t in upper} == {t.key() for t in best_below}
     best = max(by_rung[-1], key=lambda t: (t.ndcg, t.precision))
-    assert (result.choice.confidence, result.choice.alpha, result.choice.reg) == best.key()
+    c = result.choice
+    assert (c.confidence, c.alpha, c.reg, c.reg_exp) == best.key()
     assert [t.iterations for t in by_rung[-1]] == [6] * len(by_rung[-1])
     record = result.to_dict()
     assert json.loads(json.dumps(record)) == record  # manifest-ready
@@ -71,7 +73,7 @@ def test_a_small_budget_thins_the_grid_to_fit() -> None:
     result = tune(plays, base, settings, show_progress=False)
     assert result.candidates < len(candidate_grid(base))
     assert result.work <= settings.budget
-    assert any(t.key() == (base.confidence, base.alpha, base.reg) for t in result.trials)  # base always tried
+    assert any(t.key() == (base.confidence, base.alpha, base.reg, base.reg_exp) for t in result.trials)  # base tried
 
 
 def test_a_warm_start_searches_the_previous_choice_and_its_neighbours() -> None:
@@ -80,6 +82,9 @@ def test_a_warm_start_searches_the_previous_choice_and_its_neighbours() -> None:
     points = {(p.confidence, p.alpha, p.reg) for p in grid}
     assert ("log", 2.0, 20.0) in points and ("log", 1.0, 40.0) in points and ("log", 4.0, 10.0) in points
     assert len(points) == 9  # (the default base coincides with the previous choice here)
+    assert {p.reg_exp for p in grid} == {0.0}
+    scaled = candidate_grid(AlsParams(), around=AlsParams(alpha=1.0, reg=0.3, reg_exp=1.0))
+    assert {p.reg_exp for p in scaled if p != AlsParams()} == {1.0} and len(scaled) == 10
     assert plan_iterations(9, (4, 10, 20), 3) == 9 * 4 + 3 * 6 + 1 * 10
 
 
@@ -115,6 +120,51 @@ def test_train_tune_records_every_trial_and_publishes_the_choice(tmp_path, capsy
     manifest = json.loads((store / "models" / version / "manifest.json").read_text())
     tuning = manifest["training"]["tuning"]
     assert tuning["trials"] and tuning["candidates"] >= 2
-    chosen = {k: manifest["parameters"][k] for k in ("confidence", "alpha", "reg")}
+    chosen = {k: manifest["parameters"][k] for k in ("confidence", "alpha", "reg", "reg_exp")}
     assert chosen == tuning["choice"]
     assert "tune_s" in manifest["training"]["timings"]
+
+
+def test_the_full_grid_searches_constant_and_frequency_scaled_reg() -> None:
+    grid = candidate_grid(AlsParams())
+    scaled = [p for p in grid if p.reg_exp == 1.0]
+    assert scaled and {p.confidence for p in scaled} == {"log", "linear"}
+    assert all(p.reg < 5 for p in scaled)  # per play: far below the constant reg
+    assert len({(p.confidence, p.alpha, p.reg, p.reg_exp) for p in grid}) == len(grid)
+
+
+def test_a_retrain_warm_starts_around_a_tuned_live_model_only() -> None:
+    from batch.model_store import Model
+    from batch.retrain import warm_start
+
+    def model(training: dict) -> Model:
+        chosen = AlsParams(alpha=1.0, reg=0.3, reg_exp=1.0, factors=8)
+        empty = np.zeros((0, 8), np.float32)
+        manifest = {"parameters": chosen.to_dict(), "training": training}
+        return Model("v1", Path(), manifest, np.array([]), np.array([]), empty, empty)
+
+    assert warm_start(None) is None
+    assert warm_start(model({})) is None  # not chosen by a search: the next one searches the full grid
+    around = warm_start(model({"tuning": {"choice": {"alpha": 1.0}}}))
+    assert around == AlsParams(alpha=1.0, reg=0.3, reg_exp=1.0, factors=8)
+    grid = candidate_grid(AlsParams(), around=around)
+    assert len(grid) == 10 and {(p.alpha, p.reg) for p in grid if p.reg_exp == 1.0} >= {(0.5, 0.15), (2.0, 0.6)}
+    base = AlsParams(factors=8, iterations=4)
+    searched = tune(planted_plays(seed=5), base, TuneSettings(budget=20), around=around, show_progress=False)
+    assert searched.to_dict()["warm_start"] == {"confidence": "log", "alpha": 1.0, "reg": 0.3, "reg_exp": 1.0}
+    assert {t.reg_exp for t in searched.trials} <= {0.0, 1.0} and searched.candidates <= 10
+
+
+def test_the_plan_is_thinned_to_the_time_left_evaluations_included() -> None:
+    from batch.tuning import _thin_to_time, plan_evaluations
+
+    grid = candidate_grid(AlsParams())
+    base = AlsParams()
+    rungs = (4, 10, 20)
+    assert plan_evaluations(27, rungs, 3) == 27 + 9 + 3
+    # training alone fits 60 s; evaluations of 2 s each do not: the plan is thinned until both fit
+    kept_cheap = _thin_to_time(grid, base, rungs, 3, iteration_s=0.1, evaluation_s=0.0, seconds_left=60)
+    kept = _thin_to_time(grid, base, rungs, 3, iteration_s=0.1, evaluation_s=2.0, seconds_left=60)
+    assert len(kept) < len(kept_cheap) <= len(grid)
+    rest = (plan_iterations(len(kept), rungs, 3) - 4) * 0.1 + (plan_evaluations(len(kept), rungs, 3) - 1) * 2.0
+    assert rest <= 60 and kept[0] == grid[0] and base in kept  # the tried first and the base stay
