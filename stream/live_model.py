@@ -220,8 +220,10 @@ class LiveModel(ServingModel):
         group of solutions as soon as it is solved: the users rebuilt from full counts first (users new to
         the stream, who have no vector yet), then each chunk of cached users.
         """
-        # with frequency-scaled reg a new track changes the user's lambda (a rank-k change): no rank-one cache
-        changes = (changes or {}) if self.params.reg_exp == 0 else {}
+        changes = changes or {}
+        # with frequency-scaled reg a user's first play of a track changes their lambda (a rank-k change of
+        # the system): such users are rebuilt; repeat plays keep it and update the cached inverse
+        scaled = self.params.reg_exp != 0
         incremental: list[str] = []
         slots: list[int] = []
         rebuild: list[str] = []
@@ -237,6 +239,7 @@ class LiveModel(ServingModel):
                     and offsets[slot] == change.before
                     and gram_total - gram_at[slot] <= len(gram_log)
                     and updates[slot] < REFRESH_UPDATES
+                    and not (scaled and any(full == n for n, full in change.added.values()))
                 ):
                     incremental.append(user)
                     slots.append(slot)
@@ -387,20 +390,29 @@ class LiveModel(ServingModel):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
         """P (n, k, k) = (G + reg I + S_u)^-1, b (n, k), known (n,) and non-model tracks of each user, from
         every streamed track: users with at most SM_BUILD_TRACKS tracks by rank-one updates of
-        (G + reg I)^-1, the others by assembling S_u and inverting."""
+        (G + reg I)^-1, the others by assembling S_u and inverting (all, with the user's own lambda, under
+        frequency-scaled reg)."""
         indptr, cols, w, vectors, news = self._full_plays(counts)
         n, k = len(indptr) - 1, self.k
         degree = np.diff(indptr)
         P, b = np.empty((n, k, k)), np.zeros((n, k))
-        many = np.flatnonzero(degree > SM_BUILD_TRACKS)
+        scaled = self.params.reg_exp != 0  # each user's own lambda: no shared base inverse to start from
+        many = np.flatnonzero(degree > (0 if scaled else SM_BUILD_TRACKS))
         if len(many):
             pos = ragged_ranges(indptr[:-1][many], degree[many])
             sub = np.concatenate([[0], np.cumsum(degree[many])])
             S, b[many] = assemble_rows(sub, cols[pos], w[pos], 1.0 + w[pos], vectors)
             S += gram_reg
+            if scaled:
+                diagonal = np.arange(k)
+                S[:, diagonal, diagonal] += row_regularisation(self.params.reg, self.params.reg_exp, degree[many])[
+                    :, None
+                ]
             P[many] = np.linalg.inv(S)
-        few = np.flatnonzero(degree <= SM_BUILD_TRACKS)
-        if len(few):
+        few = np.setdiff1d(np.arange(n), many)
+        if scaled:  # users without any known track: their first known play rebuilds them (it adds a track)
+            P[few] = 0.0
+        elif len(few):
             few = few[np.argsort(degree[few], kind="stable")]
             base = self._base_inverse(gram_reg, gram_total)
             y = np.asarray(vectors, dtype=np.float64)[cols] if len(cols) else np.zeros((0, k))

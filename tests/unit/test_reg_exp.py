@@ -132,11 +132,16 @@ def test_the_stream_folds_in_users_and_tracks_exactly_under_scaled_reg(tmp_path)
     counts = {"a": {"t1": 3.0, "t2": 1.0}, "b": {"t5": 2.0, "t7": 1.0, "t9": 6.0}}
     offsets = {"a": 0, "b": 0}
     live.fold_in_users(counts, {u: UserChange(-1, 0, {}) for u in counts})
-    for step, track in enumerate(["t3", "t1", "t11"]):  # new tracks change lambda_u, a repeat does not
-        for user in counts:
-            counts[user][track] = counts[user].get(track, 0.0) + 1
-        changes = {u: UserChange(offsets[u], offsets[u] + 1, {track: (1, counts[u][track])}) for u in counts}
-        offsets = {u: o + 1 for u, o in offsets.items()}
+    rng = np.random.default_rng(0)
+    repeats = 0
+    for step in range(12):  # new tracks change lambda_u (rebuilt), repeats do not (cached inverse updated)
+        changes = {}
+        for user, per_user in counts.items():
+            track = f"t{int(rng.integers(0, 12))}" if step % 3 else f"t{20 + step}"
+            repeats += track in per_user
+            per_user[track] = per_user.get(track, 0.0) + 1
+            changes[user] = UserChange(offsets[user], offsets[user] + 1, {track: (1, per_user[track])})
+            offsets[user] += 1
         got = live.fold_in_users(counts, changes)
         for user, per_user in counts.items():
             cols = [int(t[1:]) for t in per_user]
@@ -144,6 +149,8 @@ def test_the_stream_folds_in_users_and_tracks_exactly_under_scaled_reg(tmp_path)
             cm1 = confidence_matrix(row, params.alpha, params.confidence, params.eps)
             want = reference_half_step(cm1, Y, params.reg, params.reg_exp)[0]
             np.testing.assert_allclose(got[user], want, rtol=1e-5, atol=1e-7, err_msg=f"step {step} {user}")
+            assert live.cached_offset(user) == offsets[user]
+    assert repeats >= 4  # both paths ran
     # a new track: batch fold-in and the stream's statistics agree on lambda = reg * listeners
     X = np.asarray(live.model.user_factors)
     listeners, streams = np.array([3, 9, 27, 81, 100]), np.array([5.0, 1.0, 2.0, 8.0, 3.0], np.float32)
