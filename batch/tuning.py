@@ -187,6 +187,8 @@ def _thin_to_time(
         first, rest = candidates[0], candidates[1:][::2]
         if keep_base != first and keep_base not in rest:
             rest.append(keep_base)
+        if len(rest) + 1 >= len(candidates):
+            break  # (three left, the base among them: nothing more to drop)
         candidates = [first, *rest]
     return candidates
 
@@ -196,7 +198,7 @@ def plan_evaluations(n: int, rungs: tuple[int, ...], eta: int) -> int:
     total = 0
     for _ in rungs:
         total += n
-        n = max(1, math.ceil(n / eta))
+        n = math.ceil(n / eta) + 1  # (an upper bound: the given parameters go on too)
     return total
 
 
@@ -205,7 +207,7 @@ def plan_iterations(n: int, rungs: tuple[int, ...], eta: int) -> int:
     total, previous = 0, 0
     for rung in rungs:
         total += n * (rung - previous)
-        previous, n = rung, max(1, math.ceil(n / eta))
+        previous, n = rung, math.ceil(n / eta) + 1  # (an upper bound: the given parameters go on too)
     return total
 
 
@@ -236,7 +238,10 @@ def tune(
     base_key = _key(base.confidence, base.alpha, base.reg, base.reg_exp)
     keep_base = next(c for c in candidates if (c.confidence, c.alpha, c.reg, c.reg_exp) == base_key)
     while len(candidates) > 2 and plan_iterations(len(candidates), rungs, settings.eta) > allowed:
-        candidates = candidates[::2] if keep_base in candidates[::2] else [*candidates[::2], keep_base]
+        thinned = candidates[::2] if keep_base in candidates[::2] else [*candidates[::2], keep_base]
+        if len(thinned) >= len(candidates):
+            break  # (three left, the base among them: nothing more to drop)
+        candidates = thinned
     planned = plan_iterations(len(candidates), rungs, settings.eta)
     log.info(
         "tuning on %d validation pairs of %d users: %d candidates, rungs %s, %.2f plain fits planned (budget %.1f)",
@@ -326,7 +331,11 @@ def tune(
             break  # (never at rung 0: the best of the last complete rung wins)
         last_complete = rung_trials
         ranked = sorted(range(len(alive)), key=lambda j: (-rung_trials[j].ndcg, -rung_trials[j].precision))
-        alive = [alive[j] for j in ranked[: max(1, math.ceil(len(alive) / settings.eta))]]
+        survivors = [alive[j] for j in ranked[: max(1, math.ceil(len(alive) / settings.eta))]]
+        # the given parameters always reach the last rung: a choice must beat them fully trained (a high reg
+        # converges slower and ranks low after a few iterations only)
+        base_index = candidates.index(keep_base)
+        alive = survivors if base_index in survivors or base_index not in alive else [*survivors, base_index]
         previous = rung
     bar.close()
     best = max(last_complete, key=lambda t: (t.ndcg, t.precision))
