@@ -17,14 +17,26 @@ NDCG and Hu et al.'s mean percentile rank (MPR, weighted by held-out play counts
     .venv/bin/python benchmarks/quality.py                 # comparison + sweep on both data sets
     .venv/bin/python benchmarks/quality.py --quick         # comparison + a 2 x 2 sweep
     .venv/bin/python benchmarks/quality.py --no-sweep --datasets lastfm
+
+3. Baselines (`--baselines`, issue #16): per data set (benchmarks/tuning.py's six, `--datasets` picks),
+   test P@10 / NDCG@10 / MPR and seconds of popularity; implicit's CPU ALS (CG, 40 factors, 15
+   iterations, one BLAS thread) over an alpha x reg grid for linear and log (eps 1) confidence, widened
+   until the chosen points are interior, both the best on TEST P@10 (the ceiling) and the point
+   validation NDCG@10 on a split of the training part chooses; EASE (lambda on validation, <= 20K
+   tracks); playrec's defaults (20 and 15 iterations) and `playrec train --tune`'s path; and ratios.
+
+    .venv/bin/python benchmarks/quality.py --baselines
+    .venv/bin/python benchmarks/quality.py --baselines --datasets synthetic --no-ease
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +56,8 @@ from _common import (
 from batch.als import AlsParams, initial_factors, train_als
 from batch.confidence import confidence_matrix
 from batch.evaluation import Metrics, holdout_split, popularity_factors, ranking_metrics
+from batch.training import tune_on_training_part
+from batch.tuning import TuneSettings
 
 DATASETS = ("lastfm", "ml100k")
 SWEEP = {
@@ -134,7 +148,10 @@ def sweep(ds: Dataset, train, train_ts, test, grid: dict, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated from {', '.join(DATASETS)}")
+    ap.add_argument(
+        "--datasets",
+        help=f"comma-separated from {', '.join(DATASETS)} (default both); --baselines: benchmarks/tuning.py's",
+    )
     ap.add_argument("--factors", type=int, default=40)
     ap.add_argument("--iterations", type=int, default=15)
     ap.add_argument("--alpha", type=float, default=1.0)
@@ -148,8 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         help="sweep grid as 'kind:alphas:regs;...', e.g. 'log:2,5,10:20,50,100;linear:0.01,0.1:1,10'",
     )
     ap.add_argument("--no-comparison", action="store_true", help="only the sweep")
+    ap.add_argument("--baselines", action="store_true", help="popularity, implicit best-of-grid, EASE, playrec")
+    ap.add_argument("--no-ease", action="store_true", help="--baselines without EASE")
+    ap.add_argument("--playrec-only", action="store_true", help="--baselines: popularity and playrec's rows only")
+    ap.add_argument("--refine", action="store_true", help="--baselines: refine implicit's grid at half the step")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    if args.baselines:
+        from tuning import DATASETS as BASELINE_DATASETS
+
+        chosen = args.datasets or ",".join(BASELINE_DATASETS)
+        return baselines_main([n.strip() for n in chosen.split(",") if n.strip()], args)
+    names = [n.strip() for n in (args.datasets or ",".join(DATASETS)).split(",") if n.strip()]
     grid = parse_grid(args.grid) if args.grid else QUICK_SWEEP if args.quick else SWEEP
     print(f"# ALS ranking quality\n\n{machine_notes()}\nfactors {args.factors}, iterations {args.iterations}\n")
     comp_rows: list[list[str]] = []
@@ -228,6 +254,290 @@ def print_sweep(sweeps: dict[str, list[dict]]) -> None:
             rows.append(line)
         header = ["confidence", "alpha", "reg", "mean rel. val NDCG", *[f"{n} test NDCG" for n in names]]
         print(markdown_table(header, rows))
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """A geometric alpha x reg grid: alpha = alpha0 * alpha_ratio**i, reg = reg0 * reg_ratio**j, the base
+    grid i < n_alpha, j < n_reg; widening adds integer steps beyond it (3 significant digits)."""
+
+    alpha0: float
+    alpha_ratio: float
+    n_alpha: int
+    reg0: float
+    reg_ratio: float
+    n_reg: int
+
+    def alpha(self, i: int) -> float:
+        return float(f"{self.alpha0 * self.alpha_ratio**i:.3g}")
+
+    def reg(self, j: int) -> float:
+        return float(f"{self.reg0 * self.reg_ratio**j:.3g}")
+
+    def base(self) -> list[tuple[int, int]]:
+        return list(itertools.product(range(self.n_alpha), range(self.n_reg)))
+
+    def halved(self) -> Lattice:
+        """The same grid at half the step (index 2i here is index i of self)."""
+        return Lattice(
+            self.alpha0, self.alpha_ratio**0.5, 2 * self.n_alpha - 1, self.reg0, self.reg_ratio**0.5, 2 * self.n_reg - 1
+        )
+
+
+#: implicit's grids: log alpha 0.5..16 (x2), linear alpha 0.001..1 (x sqrt 10), reg 1..316 (x sqrt 10).
+BASELINE_GRID = {
+    "log": Lattice(0.5, 2.0, 6, 1.0, 10**0.5, 6),
+    "linear": Lattice(0.001, 10**0.5, 7, 1.0, 10**0.5, 6),
+}
+
+
+@dataclass
+class GridPoint:
+    """One implicit setting: validation metrics (fit on the fit part) and test metrics (fit on train)."""
+
+    kind: str
+    key: tuple[int, int]
+    alpha: float
+    reg: float
+    val: Metrics
+    test: Metrics
+    val_seconds: float
+
+
+def implicit_fit(
+    plays, kind: str, alpha: float, reg: float, start: tuple[np.ndarray, np.ndarray], factors: int, iterations: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """implicit's CPU ALS (CG) on the confidence `1 + (c - 1)` of `plays`, one BLAS thread: (X, Y, fit seconds)."""
+    conf = implicit_confidence(confidence_matrix(plays, alpha, kind, 1.0))  # type: ignore[arg-type]
+    with blas_single_thread():
+        t = time.perf_counter()
+        X, Y, _ = implicit_als(conf, *start, factors, iterations, reg)
+        return X, Y, time.perf_counter() - t
+
+
+def implicit_grid(
+    kind: str,
+    lattice: Lattice,
+    splits: dict,
+    start: tuple[np.ndarray, np.ndarray],
+    args: argparse.Namespace,
+    max_rounds: int = 6,
+    refine: bool = False,
+) -> tuple[dict[tuple[int, int], GridPoint], list[tuple[int, int]], Lattice]:
+    """Evaluate the base grid, then widen around the best-on-test and best-on-validation points until all
+    their 8 lattice neighbours are evaluated (or `max_rounds`); with `refine`, repeat that at half the step
+    (`Lattice.halved`, at most 3 rounds). Returns (points, keys added after the base grid, the lattice the
+    keys index)."""
+    points: dict[tuple[int, int], GridPoint] = {}
+    added: list[tuple[int, int]] = []
+    current = [lattice]
+
+    def evaluate(key: tuple[int, int]) -> None:
+        alpha, reg = current[0].alpha(key[0]), current[0].reg(key[1])
+        t = time.perf_counter()
+        Xv, Yv, _ = implicit_fit(splits["fit"], kind, alpha, reg, start, args.factors, args.iterations)
+        mv = ranking_metrics(Xv, Yv, splits["fit"], splits["val"], 10, percentile_ranks=False)
+        val_s = time.perf_counter() - t
+        Xt, Yt, _ = implicit_fit(splits["train"], kind, alpha, reg, start, args.factors, args.iterations)
+        mt = ranking_metrics(Xt, Yt, splits["train"], splits["test"], 10, percentile_ranks=False)
+        points[key] = GridPoint(kind, key, alpha, reg, mv, mt, val_s)
+        print(
+            f"  implicit {kind:6s} alpha {alpha:<7g} reg {reg:<6g} val NDCG {mv.ndcg:.4f} P {mv.precision:.4f}"
+            f" | test P {mt.precision:.4f} NDCG {mt.ndcg:.4f}",
+            flush=True,
+        )
+
+    def widen(rounds: int) -> None:
+        for _ in range(rounds):
+            missing = {
+                (i + di, j + dj)
+                for i, j in (best_on_test(points).key, best_on_validation(points).key)
+                for di in (-1, 0, 1)
+                for dj in (-1, 0, 1)
+            } - set(points)
+            if not missing:
+                break
+            for key in sorted(missing):
+                evaluate(key)
+                added.append(key)
+
+    for key in lattice.base():
+        evaluate(key)
+    widen(max_rounds)
+    if refine:
+        current[0] = lattice.halved()
+        points = {(2 * i, 2 * j): replace(p, key=(2 * i, 2 * j)) for (i, j), p in points.items()}
+        added = [(2 * i, 2 * j) for i, j in added]
+        widen(3)
+    return points, added, current[0]
+
+
+def best_on_test(points: dict) -> GridPoint:
+    return max(points.values(), key=lambda p: (p.test.precision, p.test.ndcg))
+
+
+def best_on_validation(points: dict) -> GridPoint:
+    return max(points.values(), key=lambda p: (p.val.ndcg, p.val.precision))
+
+
+def base_grid_note(p: GridPoint, lattice: Lattice) -> str:
+    """' (outside the base grid)', ' (base-grid edge)' or '' for interior points of `lattice`'s base grid."""
+    a_lo, a_hi = lattice.alpha(0), lattice.alpha(lattice.n_alpha - 1)
+    r_lo, r_hi = lattice.reg(0), lattice.reg(lattice.n_reg - 1)
+    if not (a_lo <= p.alpha <= a_hi and r_lo <= p.reg <= r_hi):
+        return " (outside the base grid)"
+    return "" if a_lo < p.alpha < a_hi and r_lo < p.reg < r_hi else " (base-grid edge)"
+
+
+def grid_text(kind: str, points: dict, lattice: Lattice) -> str:
+    """Test P@10 of every evaluated point (alpha rows x reg columns); * best on test, v chosen on validation."""
+    t, v = best_on_test(points).key, best_on_validation(points).key
+    alphas = sorted({k[0] for k in points})
+    regs = sorted({k[1] for k in points})
+    rows = []
+    for i in alphas:
+        line = [f"{lattice.alpha(i):g}"]
+        for j in regs:
+            p = points.get((i, j))
+            mark = ("*" if (i, j) == t else "") + ("v" if (i, j) == v else "")
+            line.append("" if p is None else f"{p.test.precision:.4f}{mark}")
+        rows.append(line)
+    return markdown_table([f"{kind} alpha \\ reg", *[f"{lattice.reg(j):g}" for j in regs]], rows)
+
+
+_EASE_CACHE: dict[str, tuple[Metrics, float, float]] = {}
+
+
+def ease_row(train, test, train_ts) -> tuple[Metrics, float, float]:
+    """tuning.ease_metrics, memoised on the binarised training pattern (Last.fm, x10 and binary share it)."""
+    from tuning import ease_metrics
+
+    h = hashlib.sha1(train.indptr.tobytes() + train.indices.tobytes() + test.indices.tobytes())
+    if train_ts is not None:
+        h.update(train_ts.data.tobytes())
+    key = h.hexdigest()
+    if key not in _EASE_CACHE:
+        t = time.perf_counter()
+        m, lam = ease_metrics(train, test, train_ts)
+        _EASE_CACHE[key] = (m, lam, time.perf_counter() - t)
+    return _EASE_CACHE[key]
+
+
+def baselines(name: str, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Metrics]]:
+    """One data set's baseline table rows and the metrics the ratios use."""
+    from tuning import load
+
+    counts = load(name)
+    ds = Dataset(name, counts.matrix.astype(np.float32), counts.last_played)
+    train, test, train_ts = split(ds, 0)
+    fit_part, val = holdout_split(train, 0.2, seed=1, timestamps=train_ts)  # the tuner's validation split
+    splits = {"train": train, "test": test, "fit": fit_part, "val": val}
+    print(f"\n## {ds.describe()}: train {train.nnz:,}, test {test.nnz:,}, validation {val.nnz:,}", flush=True)
+    rows: list[list[str]] = []
+    got: dict[str, Metrics] = {}
+
+    def row(model: str, setting: str, m: Metrics, fit_s: float | None, select_s: str = "-") -> None:
+        fs = "-" if fit_s is None else f"{fit_s:.2f}"
+        rows.append([model, setting, f"{m.precision:.4f}", f"{m.ndcg:.4f}", f"{100 * m.mpr:.2f}%", fs, select_s])
+        print(f"  -> {model} ({setting}): {m.describe()}", flush=True)
+
+    t = time.perf_counter()
+    pop = popularity_factors(train)
+    pop_s = time.perf_counter() - t
+    row("popularity", "listeners", ranking_metrics(*pop, train, test, 10), pop_s)
+    start = starts(train.shape, AlsParams(args.factors, args.iterations, seed=0))
+    best_implicit = None
+    for kind, lattice in {} if args.playrec_only else BASELINE_GRID.items():
+        points, added, fine = implicit_grid(kind, lattice, splits, start, args, refine=args.refine)
+        grid_s = sum(p.val_seconds for p in points.values())  # the validation fits and rankings only
+        print("\n" + grid_text(kind, points, fine) + "\n", flush=True)
+        chosen = (("best on test P@10", best_on_test(points)), ("chosen on validation", best_on_validation(points)))
+        for label, p in chosen:
+            X, Y, fit_s = implicit_fit(train, kind, p.alpha, p.reg, start, args.factors, args.iterations)
+            m = ranking_metrics(X, Y, train, test, 10)
+            edge = base_grid_note(p, lattice)
+            sel = f"{grid_s:.0f} (grid of {len(points)})" if label.startswith("chosen") else "-"
+            row(f"implicit {kind}, {label}", f"a={p.alpha:g} reg={p.reg:g}{edge}", m, fit_s, sel)
+            if label.startswith("best") and (best_implicit is None or m.precision > best_implicit.precision):
+                best_implicit = m
+            if label.startswith("chosen"):
+                got[f"implicit {kind} val"] = m
+        extra = ", ".join(f"{fine.alpha(i):g}/{fine.reg(j):g}" for i, j in added)
+        print(f"  {kind}: {len(points)} points, {len(added)} added by widening (alpha/reg): {extra}", flush=True)
+    if best_implicit is not None:
+        got["implicit best"] = best_implicit
+    if not (args.no_ease or args.playrec_only) and train.shape[1] <= 20_000:
+        m, lam, ease_s = ease_row(train, test, train_ts)
+        row("EASE", f"lambda={lam:g} (validation)", m, None, f"{ease_s:.0f} (5+ inverses)")
+        got["EASE"] = m
+    for iters in (20, 15):
+        params = replace(AlsParams(), iterations=iters)
+        t = time.perf_counter()
+        X, Y = fit(train, params, starts(train.shape, params))
+        fit_s = time.perf_counter() - t
+        m = ranking_metrics(X, Y, train, test, 10)
+        row(f"playrec defaults, {iters} it", f"{params.confidence} a={params.alpha:g} reg={params.reg:g}", m, fit_s)
+        got[f"defaults {iters}"] = m
+    tuned = tune_on_training_part(counts, AlsParams(), TuneSettings(), 0.2, show_progress=False)
+    c = tuned.choice
+    t = time.perf_counter()
+    X, Y = fit(train, c, starts(train.shape, c))
+    fit_s = time.perf_counter() - t
+    m = ranking_metrics(X, Y, train, test, 10)
+    setting = f"{c.confidence} a={c.alpha:g} reg={c.reg:g}"
+    if getattr(c, "reg_exp", 0):  # frequency-scaled reg, where batch.tuning searches it
+        setting += f" reg_exp={c.reg_exp:g}"
+    row("playrec --tune, 20 it", setting, m, fit_s, f"{tuned.seconds:.0f} (tuner)")
+    got["tuned"] = m
+    if name == "synthetic":
+        from _common import factor_synthetic
+
+        oracle = ranking_metrics(*factor_synthetic().oracle_factors(), train, test, 10)
+        row("oracle (true factors)", "log popularity + u.v", oracle, None)
+    return rows, got
+
+
+def ratio_lines(got: dict[str, Metrics]) -> list[str]:
+    """'a / b: P@10 x, NDCG@10 y' for the issue's comparisons."""
+    pairs = [
+        ("playrec defaults (20 it) / implicit best", "defaults 20", "implicit best"),
+        ("playrec defaults (15 it) / implicit best", "defaults 15", "implicit best"),
+        ("playrec --tune / implicit best", "tuned", "implicit best"),
+        ("playrec --tune / implicit log chosen on validation", "tuned", "implicit log val"),
+        ("playrec --tune / implicit linear chosen on validation", "tuned", "implicit linear val"),
+        ("playrec --tune / EASE", "tuned", "EASE"),
+        ("playrec defaults (20 it) / EASE", "defaults 20", "EASE"),
+    ]
+    out = []
+    for label, a, b in pairs:
+        if a in got and b in got:
+            pa, pb = got[a], got[b]
+            out.append(f"{label}: P@10 {pa.precision / pb.precision:.3f}x, NDCG@10 {pa.ndcg / pb.ndcg:.3f}x")
+    return out
+
+
+def baselines_main(names: list[str], args: argparse.Namespace) -> int:
+    print(f"# Baselines: implicit best-of-grid, EASE, popularity\n\n{machine_notes()}")
+    print(f"implicit: {args.factors} factors, {args.iterations} iterations, CG 3 steps, one BLAS thread; grids:")
+    for kind, lat in BASELINE_GRID.items():
+        alphas = ", ".join(f"{lat.alpha(i):g}" for i in range(lat.n_alpha))
+        regs = ", ".join(f"{lat.reg(j):g}" for j in range(lat.n_reg))
+        how = "widened, then refined at half the step," if args.refine else "widened"
+        print(f"  {kind}: alpha {{{alphas}}} x reg {{{regs}}}, {how} around the chosen points")
+    header = ["model", "setting", "P@10", "NDCG@10", "MPR", "fit s", "selection s"]
+    done = []
+    for name in names:
+        t = time.perf_counter()
+        rows, got = baselines(name, args)
+        table = markdown_table(header, rows)
+        lines = ratio_lines(got)
+        done.append((name, table, lines))
+        print(f"\n### {name} ({time.perf_counter() - t:.0f} s)\n\n{table}\n")
+        print("\n".join(f"- {line}" for line in lines), flush=True)
+    print("\n# All data sets\n")
+    for name, table, lines in done:
+        print(f"### {name}\n\n{table}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

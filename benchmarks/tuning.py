@@ -7,10 +7,11 @@ the full 20 iterations on the training part (the best of them on the TEST metric
 could reach). Reports test P@10, NDCG@10, MPR, the tuner's seconds against one plain fit on all plays
 (median of 3), and the tuned/best-grid ratio.
 
-Data sets: Last.fm 2K, MovieLens 100K (binarised) and variants derived from Last.fm whose best settings
-differ: counts x10, counts binarised, a 30% user subsample (seed 0).
+Data sets: Last.fm 2K, MovieLens 100K (binarised), variants derived from Last.fm whose best settings
+differ: counts x10, counts binarised, a 30% user subsample (seed 0), and `synthetic`: Poisson plays from
+known rank-16 factors, 3,000 users x 4,000 tracks (`_common.factor_synthetic`, seed 0).
 
-    .venv/bin/python benchmarks/tuning.py                    # all five
+    .venv/bin/python benchmarks/tuning.py                    # all six
     .venv/bin/python benchmarks/tuning.py --datasets lastfm --no-grid
 """
 
@@ -27,20 +28,27 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import LASTFM, ML100K, markdown_table
+from _common import LASTFM, ML100K, factor_synthetic, markdown_table
 
 from batch.als import AlsParams, train_als
-from batch.evaluation import holdout_split, ranking_metrics
+from batch.evaluation import Metrics, holdout_split, ranking_metrics
 from batch.plays import PlayCounts, read_play_counts
 from batch.training import tune_on_training_part
 from batch.tuning import TuneSettings, candidate_grid
 
-DATASETS = ("lastfm", "ml100k", "lastfm-x10", "lastfm-binary", "lastfm-users30")
+DATASETS = ("lastfm", "ml100k", "lastfm-x10", "lastfm-binary", "lastfm-users30", "synthetic")
 
 
 def load(name: str) -> PlayCounts:
+    """One of `DATASETS` as play counts (the Last.fm variants are derived from Last.fm 2K)."""
+    if name not in DATASETS:
+        raise SystemExit(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "ml100k":
         return read_play_counts(ML100K, binarize=True)
+    if name == "synthetic":
+        m = factor_synthetic().plays
+        ids = np.arange(max(m.shape)).astype(str)
+        return PlayCounts(m, ids[: m.shape[0]], ids[: m.shape[1]])
     counts = read_play_counts(LASTFM)
     m = counts.matrix.astype(np.float32)
     if name == "lastfm-x10":
@@ -61,26 +69,60 @@ EASE_LAMBDAS = (50.0, 200.0, 500.0, 2000.0)
 
 def ease_item_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
     """EASE (Steck 2019), closed form on the binarised plays: B = I - P / diag(P), P = (X^T X + lam I)^-1,
-    zero diagonal; (n_items, n_items) float32. O(n_items^3): for catalogues up to ~20K tracks."""
+    zero diagonal; (n_items, n_items) float32. O(n_items^3) (a Cholesky factorisation and inverse, in place):
+    for catalogues up to ~20K tracks."""
+    from scipy.linalg import lapack
+
     X = (sp.csr_matrix(train) > 0).astype(np.float64)
     gram = (X.T @ X).toarray()
     gram[np.diag_indices_from(gram)] += lam
-    P = np.linalg.inv(gram)
-    B = -P / np.diag(P)[None, :]
-    B[np.diag_indices_from(B)] = 0.0
-    return B.astype(np.float32)
+    gram = gram if gram.flags.f_contiguous else gram.T  # symmetric: LAPACK works in place on Fortran order
+    chol, info = lapack.dpotrf(gram, lower=False, overwrite_a=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: Cholesky failed (info {info})")
+    del gram
+    P, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: inverse failed (info {info})")
+    n = P.shape[0]
+    for s in range(0, n, 2048):  # dpotri fills the upper triangle: mirror it, a row block at a time
+        P[s : s + 2048, :s] = P[:s, s : s + 2048].T
+        block = P[s : s + 2048, s : s + 2048]
+        block[np.tril_indices_from(block, -1)] = block.T[np.tril_indices_from(block, -1)]
+    P /= -np.diag(P).copy()[None, :]
+    P[np.diag_indices_from(P)] = 0.0
+    return P.astype(np.float32)
 
 
-def ease_metrics(train: sp.csr_matrix, test: sp.csr_matrix):
-    """EASE with lambda chosen on a validation split of `train` (seed 1, like the tuner), scored on test."""
-    fit_part, valid = holdout_split(train, 0.2, seed=1)  # random validation split of the training part
+def ease_metrics(
+    train: sp.csr_matrix,
+    test: sp.csr_matrix,
+    train_ts: sp.csr_matrix | None = None,
+    lambdas: tuple[float, ...] = EASE_LAMBDAS,
+    widen: int = 2,
+) -> tuple[Metrics, float]:
+    """EASE with lambda chosen on a validation split of `train` (seed 1 like the tuner; each user's latest
+    tracks when `train_ts`, aligned with `train`, is given), scored on test: (test metrics, lambda).
+    A choice at either end of `lambdas` widens the list by x4 steps, at most `widen` times."""
+    fit_part, valid = holdout_split(train, 0.2, seed=1, timestamps=train_ts)
     dense = (fit_part > 0).astype(np.float32).toarray()
-    best_lam, best_ndcg = None, -1.0
-    for lam in EASE_LAMBDAS:
+    scores: dict[float, float] = {}
+
+    def validate(lam: float) -> None:
         B = ease_item_weights(fit_part, lam)
-        ndcg = ranking_metrics(dense, B.T, fit_part, valid, 10, 2000).ndcg
-        if ndcg > best_ndcg:
-            best_lam, best_ndcg = lam, ndcg
+        scores[lam] = ranking_metrics(dense, B.T, fit_part, valid, 10, 2000, percentile_ranks=False).ndcg
+
+    for lam in lambdas:
+        validate(lam)
+    for _ in range(widen):
+        best = max(scores, key=scores.get)
+        if best == min(scores):
+            validate(best / 4)
+        elif best == max(scores):
+            validate(best * 4)
+        else:
+            break
+    best_lam = max(scores, key=scores.get)
     B = ease_item_weights(train, best_lam)
     return ranking_metrics((train > 0).astype(np.float32).toarray(), B.T, train, test, 10), best_lam
 
