@@ -12,18 +12,19 @@ from batch.solvers import SolverError, half_step
 from .synthetic import random_plays
 
 
-def reference_half_step(cm1: sp.csr_matrix, other: np.ndarray, reg: float) -> np.ndarray:
-    """x_u = (Y^T C_u Y + reg I)^-1 Y^T C_u p_u, one dense float64 solve per row."""
+def reference_half_step(cm1: sp.csr_matrix, other: np.ndarray, reg: float, reg_exp: float = 0.0) -> np.ndarray:
+    """x_u = (Y^T C_u Y + reg n_u^reg_exp I)^-1 Y^T C_u p_u, one dense float64 solve per row."""
     Y = other.astype(np.float64)
     k = Y.shape[1]
     dense = cm1.toarray().astype(np.float64)
     pattern = (cm1 != 0).toarray() | (dense > 0)
     out = np.zeros((cm1.shape[0], k))
     for u in range(cm1.shape[0]):
-        if not pattern[u].any():
+        n_u = int(pattern[u].sum())
+        if not n_u:
             continue
         c = 1.0 + dense[u]
-        A = Y.T @ (Y * c[:, None]) + reg * np.eye(k)
+        A = Y.T @ (Y * c[:, None]) + reg * n_u**reg_exp * np.eye(k)
         out[u] = np.linalg.solve(A, Y.T @ (c * pattern[u]))
     return out
 
@@ -35,8 +36,8 @@ def dense_loss(plays, X, Y, params):
     return float((c * (p - pred) ** 2).sum() + params.reg * ((X.astype(np.float64) ** 2).sum() + (Y**2).sum()))
 
 
-@pytest.fixture
-def problem():
+def small_problem():
+    """120 x 80 heavy-tailed plays (user 5 has none) and fixed 80 x 8 factors."""
     plays = random_plays(120, 80, 0.08, seed=3)
     keep = np.ones(plays.shape[0], np.float32)
     keep[5] = 0.0  # a user without streams
@@ -45,6 +46,11 @@ def problem():
     rng = np.random.default_rng(1)
     Y = rng.standard_normal((80, 8)).astype(np.float32) * 0.3
     return plays, Y
+
+
+@pytest.fixture
+def problem():
+    return small_problem()
 
 
 def test_exact_half_step_matches_dense_reference(problem):

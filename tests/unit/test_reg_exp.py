@@ -11,34 +11,12 @@ from batch.foldin import fold_in_items, fold_in_users
 from batch.solvers import half_step, row_regularisation
 
 from .synthetic import random_plays
-
-
-def reference_half_step(cm1: sp.csr_matrix, other: np.ndarray, reg: float, reg_exp: float) -> np.ndarray:
-    """x_u = (Y^T C_u Y + reg n_u^reg_exp I)^-1 Y^T C_u p_u, one dense float64 solve per row."""
-    Y = other.astype(np.float64)
-    k = Y.shape[1]
-    dense = cm1.toarray().astype(np.float64)
-    pattern = (cm1 != 0).toarray() | (dense > 0)
-    out = np.zeros((cm1.shape[0], k))
-    for u in range(cm1.shape[0]):
-        n_u = int(pattern[u].sum())
-        if not n_u:
-            continue
-        c = 1.0 + dense[u]
-        A = Y.T @ (Y * c[:, None]) + reg * n_u**reg_exp * np.eye(k)
-        out[u] = np.linalg.solve(A, Y.T @ (c * pattern[u]))
-    return out
+from .test_als import reference_half_step, small_problem
 
 
 @pytest.fixture
 def problem():
-    plays = random_plays(120, 80, 0.08, seed=3)
-    keep = np.ones(plays.shape[0], np.float32)
-    keep[5] = 0.0  # a user without streams
-    plays = sp.csr_matrix(sp.diags(keep) @ plays)
-    plays.eliminate_zeros()
-    Y = np.random.default_rng(1).standard_normal((80, 8)).astype(np.float32) * 0.3
-    return plays, Y
+    return small_problem()
 
 
 def test_row_regularisation_scales_with_the_rows_plays():
