@@ -80,6 +80,13 @@ def _assemble_block(
     return S, b
 
 
+def add_to_diagonal(A: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A[u] += values[u] * I for every (k, k) matrix of A (n, k, k), in place; returns A."""
+    diagonal = np.arange(A.shape[1])
+    A[:, diagonal, diagonal] += np.asarray(values, dtype=A.dtype)[:, None]
+    return A
+
+
 def solve_assembled(
     S: np.ndarray, b: np.ndarray, gram_reg: np.ndarray, row_reg: np.ndarray | None = None
 ) -> np.ndarray:
@@ -89,8 +96,7 @@ def solve_assembled(
         return np.zeros((0, gram_reg.shape[0]), dtype=np.float32)
     A = S + gram_reg
     if row_reg is not None:
-        diagonal = np.arange(A.shape[1])
-        A[:, diagonal, diagonal] += np.asarray(row_reg, dtype=np.float64)[:, None]
+        add_to_diagonal(A, row_reg)
     return np.linalg.solve(A, b[:, :, None])[:, :, 0].astype(np.float32)
 
 

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from batch.exact import solve_rows_exact
+from batch.exact import add_to_diagonal, solve_rows_exact
 
 try:  # optional: keeps BLAS to one thread inside our own thread pool (no oversubscription)
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -298,8 +298,7 @@ def _cg_dense(
             S += np.matmul(Z.transpose(0, 2, 1), Z)
     S += gram_reg
     if row_reg is not None:
-        diagonal = np.arange(k)
-        S[:, diagonal, diagonal] += row_reg[:, None]
+        add_to_diagonal(S, row_reg)
     x = x.copy()
 
     def apply(v: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from batch.confidence import confidence_minus_one
-from batch.exact import assemble_rows
+from batch.exact import add_to_diagonal, assemble_rows
 from batch.foldin import fold_in
 from batch.forests import load_forests
 from batch.history import history_arrays
@@ -259,10 +259,7 @@ class LiveModel(ServingModel):
                 S, b, degree, news = self._build_systems({u: counts[u] for u in rebuild})
                 S += gram_reg
                 if self.params.reg_exp != 0:
-                    diagonal = np.arange(self.k)
-                    S[:, diagonal, diagonal] += row_regularisation(self.params.reg, self.params.reg_exp, degree)[
-                        :, None
-                    ]
+                    add_to_diagonal(S, row_regularisation(self.params.reg, self.params.reg_exp, degree))
                 solved = self._solve(rebuild, S, b, degree > 0)
             out.update(solved)
             if on_solved is not None and solved:
@@ -404,10 +401,7 @@ class LiveModel(ServingModel):
             S, b[many] = assemble_rows(sub, cols[pos], w[pos], 1.0 + w[pos], vectors)
             S += gram_reg
             if scaled:
-                diagonal = np.arange(k)
-                S[:, diagonal, diagonal] += row_regularisation(self.params.reg, self.params.reg_exp, degree[many])[
-                    :, None
-                ]
+                add_to_diagonal(S, row_regularisation(self.params.reg, self.params.reg_exp, degree[many]))
             P[many] = np.linalg.inv(S)
         few = np.setdiff1d(np.arange(n), many)
         if scaled:  # users without any known track: their first known play rebuilds them (it adds a track)
