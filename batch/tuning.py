@@ -1,25 +1,34 @@
 """Self-tuning ALS: choose the confidence form, alpha, reg and its frequency scaling (`reg_exp` 0 or 1) on a
 validation split of the training plays.
 
-Successive halving (Jamieson & Talwalkar 2016) over a grid: every candidate trains a few iterations from
-the same seeded start on the validation split's training part and is ranked by NDCG@k on its held-out
-part (P@k breaks ties); the best third trains on from where it stopped, and so on, until the last rung
-(`rungs[-1]` iterations in all) names the choice. The validation split is carved from the plays given
-(a caller that reports a holdout passes its training part only, so the reported holdout is never seen).
+Every candidate is scored by NDCG@k (P@k breaks ties) on the validation split's held-out part after
+training on its training part, *warm-started*: the given parameters are trained fully first, and each
+candidate then trains `move_iterations` iterations from their factors. From a converged neighbour's factors
+a few iterations tell candidates apart far better than the same iterations from a random start
+(docs/BENCHMARKS-als.md: Spearman 0.96-0.97 against fully trained candidates on the synthetic set and a
+Last.fm subsample, 0.84-0.86 for 4 iterations from the seeded start, which successive halving ranks by).
+Two stages:
 
-Cost: `budget` plain fits of wall time (`base.iterations` iterations on all plays, estimated from the
-search's own training iterations: one on the validation part counts as its share of the non-zeros),
-evaluations included. A plan over budget in iterations alone is thinned (every other candidate) before it
-starts; once the first candidate's training and evaluation times are measured, the rest of the plan is
-thinned again to fit the time left; and the wall clock stops a later rung early if it still runs over
-(the best of the last completed rung wins).
+1. Screening: a coarse grid over the families (confidence form x reg_exp), each candidate warm-started
+   from the given parameters' factors.
+2. Refinement (pattern search) with the moves left (`TuneSettings.refine` of them): the 8 lattice neighbours of
+   the best point so far (alpha and reg x or / `step`), warm-started from its factors; the first that beats
+   it by REFINE_MIN_GAIN becomes the centre, and when none does the step shrinks. The optimum is sharp in
+   reg on some data (synthetic P@10 0.137 at reg 100, 0.120 at 160), finer than any grid the budget affords.
+
+The given parameters are scored too, and a choice must beat them. The validation split is carved from the
+plays given (a caller that reports a holdout passes its training part only, so the holdout is never seen).
+
+Cost: at most `budget` plain fits of work, evaluations included, planned from the data's shape (`WorkModel`,
+in ALS iterations on the validation part), not from the clock: the same plays and settings give the same
+trials and the same choice on any machine or load. The plan is the given parameters' fit plus a number of
+moves (warm-started candidates); the screening takes `1 - refine` of them, the grid coarse to fine
+(`coarse_to_fine`: every prefix spans all families), and the refinement the rest.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -28,31 +37,44 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from batch.als import AlsParams, train_als
+from batch.als import AlsParams, AlsResult, train_als
 from batch.evaluation import holdout_split, ranking_metrics
 
 log = logging.getLogger(__name__)
 
+#: The grid is coarse (x4 in alpha): the budget affords ~6-20 warm-started screens, and the refinement
+#: walks from the best of them at x2 and x1.41 steps.
 #: log confidence: alpha x (reg / alpha). The best reg grows with alpha (docs/BENCHMARKS-als.md: Last.fm
 #: near 20-25 x alpha, MovieLens 100K near 5-10 x alpha), so reg is searched relative to alpha.
-LOG_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
-LOG_REG_PER_ALPHA = (2.5, 10.0, 40.0)
+LOG_ALPHAS = (0.5, 2.0, 8.0)
+LOG_REG_PER_ALPHA = (3.0, 10.0, 30.0)
 #: linear confidence: alpha x reg (binarised or light counts; the best linear alpha is tiny on music).
-LINEAR_ALPHAS = (0.003, 0.03, 0.3)
-LINEAR_REGS = (3.0, 10.0, 30.0)
+LINEAR_ALPHAS = (0.01, 0.1)
+LINEAR_REGS = (10.0,)
 #: frequency-scaled reg (`reg_exp` 1: lambda_u = reg * n_u, Rendle et al. 2021 / ALS-WR): reg is then per
 #: play, so it is ~1/50 of the constant one (docs/BENCHMARKS-als.md: Last.fm best near 0.3 x alpha,
 #: MovieLens 100K near 0.1 x alpha, both ~4-5% NDCG@10 above the best constant reg).
-SCALED_LOG_ALPHAS = (0.5, 1.0, 2.0, 4.0)
+SCALED_LOG_ALPHAS = (0.5, 2.0, 8.0)
 SCALED_LOG_REG_PER_ALPHA = (0.1, 0.3, 1.0)
-SCALED_LINEAR_ALPHAS = (0.03, 0.3)
-SCALED_LINEAR_REGS = (0.03, 0.1)
+SCALED_LINEAR_ALPHAS = (0.03,)
+SCALED_LINEAR_REGS = (0.03,)
 
 
-#: users scored at the early rungs: as many as fit EARLY_RUNG_SCORES user x track scores (all of a small
-#: catalogue's validation users), at least MIN_RUNG_USERS
-MIN_RUNG_USERS = 500
-EARLY_RUNG_SCORES = 10_000_000
+#: validation users scored per candidate: as many as fit EVALUATION_SCORES user x track scores (an
+#: evaluation of 2,000 users x 17.6K tracks costs as much as ~6 training iterations on Last.fm 2K), at least
+#: MIN_USERS, at most TuneSettings.max_users
+MIN_USERS = 1_000
+EVALUATION_SCORES = 20_000_000
+#: WorkModel's calibration: a row's fixed cost in an iteration and a score's cost in an evaluation, in
+#: non-zeros' cost; a training call's set-up, in iterations
+ROW_WEIGHT = 2.4
+EVALUATION_WEIGHT = 0.023
+SETUP_ITERATIONS = 0.5
+#: a refinement move must beat the centre's validation NDCG by this share (not chase evaluation noise)
+REFINE_MIN_GAIN = 0.002
+#: lattice moves around the centre (alpha factor, reg factor) for a step s: reg alone first (the sharpest
+#: direction), then along reg / alpha (how the best reg grows with alpha), then alpha alone and across
+REFINE_MOVES = ((0, -1), (0, 1), (1, 1), (-1, -1), (1, 0), (-1, 0), (1, -1), (-1, 1))
 
 
 class TuningError(ValueError):
@@ -61,38 +83,44 @@ class TuningError(ValueError):
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """How the search runs. budget: the most work it may take, in plain fits."""
+    """How the search runs. budget: the most wall time it may take, in plain fits."""
 
     budget: float = 5.0
     validation: float = 0.2
     k: int = 10
-    rungs: tuple[int, ...] = (4, 10, 20)
-    eta: int = 3
-    #: validation users scored at the last rung; the early rungs score fewer on large catalogues
-    #: (EARLY_RUNG_SCORES): they only drop the clearly worse two thirds, and an evaluation of 2,000 users x
-    #: 17.6K tracks costs as much as ~9 training iterations on Last.fm 2K
+    #: validation users scored per candidate, at most (fewer on large catalogues: EVALUATION_SCORES)
     max_users: int = 2_000
+    #: warm-started iterations per candidate
+    move_iterations: int = 4
+    #: share of the time left after the given parameters' fit kept for the refinement (0: screening only)
+    refine: float = 0.4
+    #: lattice steps of the refinement (alpha and reg factors), coarse to fine
+    refine_steps: tuple[float, ...] = (2.0, 2.0**0.5)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
             raise TuningError(f"the tuning budget must be > 0 plain fits, got {self.budget}")
         if not 0 < self.validation < 1:
             raise TuningError(f"the validation fraction must be between 0 and 1, got {self.validation}")
-        if not self.rungs or any(b <= a for a, b in itertools.pairwise(self.rungs)) or self.rungs[0] < 1:
-            raise TuningError(f"rungs must be increasing iteration counts >= 1, got {self.rungs}")
-        if self.eta < 2:
-            raise TuningError(f"eta must be >= 2, got {self.eta}")
+        if self.move_iterations < 1:
+            raise TuningError(f"each candidate needs >= 1 iteration, got {self.move_iterations}")
+        if not 0 <= self.refine < 1:
+            raise TuningError(f"the refinement share must be in [0, 1), got {self.refine}")
+        if any(not step > 1 for step in self.refine_steps):
+            raise TuningError(f"refinement steps must be > 1, got {self.refine_steps}")
 
 
 @dataclass
 class Trial:
-    """One candidate evaluated at one rung: validation metrics after `iterations` iterations in all."""
+    """One candidate scored on the validation split. stage: "base" (the given parameters, fully trained),
+    "screen" (warm-started from the base's factors) or "refine" (from the centre's); iterations: in all,
+    behind its factors."""
 
     confidence: str
     alpha: float
     reg: float
     reg_exp: float
-    rung: int
+    stage: str
     iterations: int
     ndcg: float
     precision: float
@@ -104,7 +132,8 @@ class Trial:
 
 @dataclass
 class TuneResult:
-    """The choice and every trial; `work` is the search's cost in plain fits (planned iterations)."""
+    """The choice and every trial; `work` is the search's training in plain fits (iterations run x their
+    share of the non-zeros), `seconds` its wall time, evaluations included."""
 
     choice: AlsParams
     trials: list[Trial]
@@ -112,7 +141,6 @@ class TuneResult:
     work: float
     budget: float
     candidates: int
-    stopped_early: bool = False
     validation: dict[str, Any] = field(default_factory=dict)
     #: the previous choice the grid was centred on (retrain warm start); None: the full grid
     around: AlsParams | None = None
@@ -126,7 +154,6 @@ class TuneResult:
             "seconds": round(self.seconds, 3),
             "work_fits": round(self.work, 3),
             "budget_fits": self.budget,
-            "stopped_early": self.stopped_early,
             "warm_start": None if self.around is None else _point(self.around),
             "validation": self.validation,
             "trials": [asdict(t) for t in self.trials],
@@ -148,10 +175,10 @@ def candidate_grid(base: AlsParams, around: AlsParams | None = None) -> list[Als
             for fr in (0.5, 1.0, 2.0)
         ]
     else:
-        points = [("log", a, a * r, 0.0) for a in LOG_ALPHAS for r in LOG_REG_PER_ALPHA]
-        points += [("linear", a, r, 0.0) for a in LINEAR_ALPHAS for r in LINEAR_REGS]
-        points += [("log", a, a * r, 1.0) for a in SCALED_LOG_ALPHAS for r in SCALED_LOG_REG_PER_ALPHA]
-        points += [("linear", a, r, 1.0) for a in SCALED_LINEAR_ALPHAS for r in SCALED_LINEAR_REGS]
+        points = [("log", a, a * r, 0.0) for a, r in _zigzag(LOG_ALPHAS, LOG_REG_PER_ALPHA)]
+        points += [("linear", a, r, 0.0) for a, r in _zigzag(LINEAR_ALPHAS, LINEAR_REGS)]
+        points += [("log", a, a * r, 1.0) for a, r in _zigzag(SCALED_LOG_ALPHAS, SCALED_LOG_REG_PER_ALPHA)]
+        points += [("linear", a, r, 1.0) for a, r in _zigzag(SCALED_LINEAR_ALPHAS, SCALED_LINEAR_REGS)]
     points.append((base.confidence, base.alpha, base.reg, base.reg_exp))
     seen: set[tuple[str, float, float, float]] = set()
     out = []
@@ -163,52 +190,40 @@ def candidate_grid(base: AlsParams, around: AlsParams | None = None) -> list[Als
     return out
 
 
+def _zigzag(alphas: tuple[float, ...], regs: tuple[float, ...]) -> list[tuple[float, float]]:
+    """The alpha x reg lattice row by row, every other row reversed: so `thin` (every other point) keeps a
+    checkerboard, not one reg column."""
+    return [(a, r) for i, a in enumerate(alphas) for r in (regs if i % 2 == 0 else regs[::-1])]
+
+
 def _key(confidence: str, alpha: float, reg: float, reg_exp: float) -> tuple[str, float, float, float]:
     return confidence, float(round(alpha, 9)), float(round(reg, 9)), float(reg_exp)
 
 
-def _thin_to_time(
-    candidates: list[AlsParams],
-    keep_base: AlsParams,
-    rungs: tuple[int, ...],
-    eta: int,
-    iteration_s: float,
-    evaluation_s: float,
-    seconds_left: float,
-) -> list[AlsParams]:
-    """`candidates` (the first already tried at rung 0) thinned, every other one after the first, until
-    the rest of the plan (iterations and evaluations, at the measured costs) fits `seconds_left`."""
-
-    def seconds(n: int) -> float:
-        rest = plan_iterations(n, rungs, eta) - rungs[0]
-        return rest * iteration_s + (plan_evaluations(n, rungs, eta) - 1) * evaluation_s
-
-    while len(candidates) > 2 and seconds(len(candidates)) > seconds_left:
-        first, rest = candidates[0], candidates[1:][::2]
-        if keep_base != first and keep_base not in rest:
-            rest.append(keep_base)
-        if len(rest) + 1 >= len(candidates):
-            break  # (three left, the base among them: nothing more to drop)
-        candidates = [first, *rest]
-    return candidates
+def coarse_to_fine(candidates: list[AlsParams], keep: AlsParams | None = None) -> list[AlsParams]:
+    """`candidates` reordered so that every prefix spans the grid: the coarsest `thin` level first (one or
+    two per family), then the points each finer level adds. A screening cut short by its time keeps a
+    spread, not the first families."""
+    levels = [candidates]
+    while len(levels[-1]) > 1 and len(coarser := thin(levels[-1], keep)) < len(levels[-1]):
+        levels.append(coarser)
+    ordered: list[AlsParams] = []
+    for level in reversed(levels):
+        ordered += [c for c in level if c not in ordered]
+    return ordered
 
 
-def plan_evaluations(n: int, rungs: tuple[int, ...], eta: int) -> int:
-    """Validation evaluations successive halving runs on `n` candidates."""
-    total = 0
-    for _ in rungs:
-        total += n
-        n = math.ceil(n / eta) + 1  # (an upper bound: the given parameters go on too)
-    return total
-
-
-def plan_iterations(n: int, rungs: tuple[int, ...], eta: int) -> int:
-    """Validation iterations successive halving spends on `n` candidates."""
-    total, previous = 0, 0
-    for rung in rungs:
-        total += n * (rung - previous)
-        previous, n = rung, math.ceil(n / eta) + 1  # (an upper bound: the given parameters go on too)
-    return total
+def thin(candidates: list[AlsParams], keep: AlsParams | None = None) -> list[AlsParams]:
+    """Every other candidate of each family (confidence form x reg_exp), order kept, `keep` always kept: a
+    thinner grid that still spans every family and, within one, a checkerboard of its lattice."""
+    seen: dict[tuple[str, float], int] = {}
+    out = []
+    for c in candidates:
+        n = seen.get((c.confidence, c.reg_exp), 0)
+        seen[(c.confidence, c.reg_exp)] = n + 1
+        if n % 2 == 0 or c == keep:
+            out.append(c)
+    return out
 
 
 def tune(
@@ -219,9 +234,10 @@ def tune(
     around: AlsParams | None = None,
     show_progress: bool = True,
 ) -> TuneResult:
-    """Choose confidence, alpha and reg for `plays` (CSR users x tracks of counts); other fields of `base`
-    (factors, iterations, solver, seed) are kept. `timestamps` (aligned with `plays`) make the validation
-    split hold out each user's latest tracks; `around` warm-starts from a previous choice."""
+    """Choose confidence, alpha, reg and reg_exp for `plays` (CSR users x tracks of counts); other fields of
+    `base` (factors, iterations, solver, seed) are kept. `timestamps` (aligned with `plays`) make the
+    validation split hold out each user's latest tracks; `around` warm-starts from a previous choice (its
+    neighbours are screened instead of the grid)."""
     settings = settings or TuneSettings()
     started = time.perf_counter()
     plays = sp.csr_matrix(plays)
@@ -231,142 +247,187 @@ def tune(
         raise TuningError(f"cannot carve a validation split from these plays: {exc}") from None
     if valid.nnz == 0:
         raise TuningError("no user has enough tracks for a validation split (at least 5 each): tune with more plays")
-    rungs = tuple(sorted({min(r, max(1, base.iterations)) for r in settings.rungs}))
-    candidates = candidate_grid(base, around)
-    share = train.nnz / max(1, plays.nnz)  # an iteration on the validation part, in full iterations
-    allowed = settings.budget * max(1, base.iterations) / share
+    users = min(settings.max_users, max(MIN_USERS, EVALUATION_SCORES // max(1, plays.shape[1])))
+    search = _Search(train, valid, base, settings, users)
     base_key = _key(base.confidence, base.alpha, base.reg, base.reg_exp)
-    keep_base = next(c for c in candidates if (c.confidence, c.alpha, c.reg, c.reg_exp) == base_key)
-    while len(candidates) > 2 and plan_iterations(len(candidates), rungs, settings.eta) > allowed:
-        thinned = candidates[::2] if keep_base in candidates[::2] else [*candidates[::2], keep_base]
-        if len(thinned) >= len(candidates):
-            break  # (three left, the base among them: nothing more to drop)
-        candidates = thinned
-    planned = plan_iterations(len(candidates), rungs, settings.eta)
+
+    # the work is planned from the data's shape, not the clock, so the same plays give the same choice
+    cost = WorkModel(plays.shape, train.nnz, plays.nnz, users)
+    move_units = search.move_iterations + SETUP_ITERATIONS + cost.evaluation
+    base_units = base.iterations + SETUP_ITERATIONS + cost.evaluation
+    left = settings.budget * cost.plain_fit(base.iterations) - base_units
+    moves = max(0, int(left // move_units))
+    keep = None if around is None else replace(base, **_point(around))  # (a warm start keeps its centre)
+    grid = [c for c in candidate_grid(base, around) if _key(c.confidence, c.alpha, c.reg, c.reg_exp) != base_key]
+    screens = round((1 - settings.refine) * moves)
+    grid = coarse_to_fine(grid, keep)[:screens]
     log.info(
-        "tuning on %d validation pairs of %d users: %d candidates, rungs %s, %.2f plain fits planned (budget %.1f)",
+        "tuning on %d validation pairs (%d users scored): %d moves of %d iterations in a budget of %.1f plain "
+        "fits (an evaluation ~%.1f iterations): %d screened, coarse to fine, the rest refining",
         valid.nnz,
-        int(np.count_nonzero(np.diff(valid.indptr))),
-        len(candidates),
-        rungs,
-        planned * share / max(1, base.iterations),
+        users,
+        moves,
+        search.move_iterations,
         settings.budget,
+        cost.evaluation,
+        len(grid),
     )
-    # early rungs score fewer users when an evaluation is large (users x tracks), never under MIN_RUNG_USERS
-    cheap = max(MIN_RUNG_USERS, EARLY_RUNG_SCORES // max(1, plays.shape[1]))
-    rung_users = [min(settings.max_users, cheap) for _ in rungs[:-1]] + [settings.max_users]
-    trials: list[Trial] = []
-    state: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}
-    alive = list(range(len(candidates)))
-    previous = 0
-    train_per_iteration: list[float] = []
-    evaluation_s: list[float] = []
-    stopped_early = False
-    bar = tqdm(total=planned, desc="tune", unit="it", disable=not show_progress)
-    last_complete: list[Trial] = []
-    for rung_index, rung in enumerate(rungs):
-        rung_trials: list[Trial] = []
-        position = 0
-        while position < len(alive):
-            i = alive[position]
-            params = replace(candidates[i], iterations=rung - previous)
-            t0 = time.perf_counter()
-            X, Y = state.get(i, (None, None))
-            result = train_als(train, params, user_factors=X, item_factors=Y, compute_loss=False, show_progress=False)
-            state[i] = (result.user_factors, result.item_factors)
-            t1 = time.perf_counter()
-            metrics = ranking_metrics(
-                result.user_factors,
-                result.item_factors,
-                train,
-                valid,
-                settings.k,
-                rung_users[rung_index],
-                base.seed,
-                percentile_ranks=False,
-            )
-            t2 = time.perf_counter()
-            train_per_iteration.append((t1 - t0) / params.iterations)
-            evaluation_s.append(t2 - t1)
-            rung_trials.append(
-                Trial(
-                    params.confidence,
-                    params.alpha,
-                    params.reg,
-                    params.reg_exp,
-                    rung_index,
-                    rung,
-                    metrics.ndcg,
-                    metrics.precision,
-                    t2 - t0,
-                )
-            )
-            bar.update(params.iterations)
-            position += 1
-            # the budget is wall time: `budget` plain fits (estimated from the training iterations so far),
-            # evaluations included
-            fit_s = float(np.median(train_per_iteration)) / share * max(1, base.iterations)
-            limit = settings.budget * fit_s
-            if rung_index == 0 and position == 1:  # first costs known: thin the rest of the plan to fit
-                it_s, eval_s = float(np.median(train_per_iteration)), float(np.median(evaluation_s))
-                kept = _thin_to_time(
-                    candidates, keep_base, rungs, settings.eta, it_s, eval_s, limit - (time.perf_counter() - started)
-                )
-                if len(kept) < len(candidates):
-                    log.info(
-                        "tuning: %d of %d candidates fit the budget (%.2f s per evaluation, %.3f s per iteration)",
-                        len(kept),
-                        len(candidates),
-                        eval_s,
-                        it_s,
-                    )
-                    bar.total = plan_iterations(len(kept), rungs, settings.eta)
-                    candidates, alive = kept, list(range(len(kept)))
-            if time.perf_counter() - started > limit and rung_index > 0:
-                stopped_early = True
-                break
-        trials.extend(rung_trials)
-        if stopped_early and len(rung_trials) < len(alive):
-            log.warning("tuning stopped early at rung %d: over its time budget", rung_index)
-            break  # (never at rung 0: the best of the last complete rung wins)
-        last_complete = rung_trials
-        ranked = sorted(range(len(alive)), key=lambda j: (-rung_trials[j].ndcg, -rung_trials[j].precision))
-        survivors = [alive[j] for j in ranked[: max(1, math.ceil(len(alive) / settings.eta))]]
-        # the given parameters always reach the last rung: a choice must beat them fully trained (a high reg
-        # converges slower and ranks low after a few iterations only)
-        base_index = candidates.index(keep_base)
-        alive = survivors if base_index in survivors or base_index not in alive else [*survivors, base_index]
-        previous = rung
-    bar.close()
-    best = max(last_complete, key=lambda t: (t.ndcg, t.precision))
+
+    # the given parameters, fully trained: the reference a choice must beat and every screen's start
+    reference, factors = search.score(base, base.iterations, "base")
+    best, best_factors = reference, factors
+    for params in tqdm(grid, desc="tune", unit="cand", disable=not show_progress):
+        trial, fit = search.score(params, base.iterations + search.move_iterations, "screen", factors)
+        if (trial.ndcg, trial.precision) > (best.ndcg, best.precision):
+            best, best_factors = trial, fit
+    if best is not reference and not best.ndcg > reference.ndcg * (1 + REFINE_MIN_GAIN):
+        best, best_factors = reference, factors  # (within noise of the given parameters: keep them)
+    best = search.refine(best, best_factors, moves - len(grid))
     choice = replace(base, confidence=best.confidence, alpha=best.alpha, reg=best.reg, reg_exp=best.reg_exp)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    work = sum(t.iterations - (rungs[t.rung - 1] if t.rung else 0) for t in trials) * share / max(1, base.iterations)
+    work = (search.iterations_run + (SETUP_ITERATIONS + cost.evaluation) * len(search.trials)) / cost.plain_fit(
+        base.iterations
+    )
     log.info(
-        "tuned in %.1f s (%.2f plain fits): %s alpha %g reg %g reg_exp %g, validation NDCG@%d %.4f",
+        "tuned in %.1f s (%.1f plain fits of work, %d candidates): %s alpha %g reg %g reg_exp %g, "
+        "validation NDCG@%d %.4f (given parameters %.4f)",
         seconds,
         work,
+        len(search.trials),
         choice.confidence,
         choice.alpha,
         choice.reg,
         choice.reg_exp,
         settings.k,
         best.ndcg,
+        reference.ndcg,
     )
     return TuneResult(
         choice=choice,
-        trials=trials,
+        trials=search.trials,
         seconds=seconds,
         work=work,
         budget=settings.budget,
-        candidates=len(candidates),
-        stopped_early=stopped_early,
+        candidates=len(search.trials),
         validation={
             "fraction": settings.validation,
             "pairs": int(valid.nnz),
             "k": settings.k,
-            "rungs": list(rungs),
-            "users_per_rung": rung_users,
+            "users": users,
+            "move_iterations": search.move_iterations,
+            "refine_share": settings.refine,
+            "refine_moves": sum(t.stage == "refine" for t in search.trials),
         },
         around=around,
     )
+
+
+#: root mean square of the seeded start (uniform in [0, 0.01): batch.als.initial_factors)
+_START_RMS = 0.01 / 3**0.5
+
+
+def _lifted(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warm-start factors, scaled up to at least the seeded start's size: a heavily regularised fit
+    collapses towards 0, and ALS grows back from there only slowly (each half-step scales by ~ signal /
+    reg), so a candidate started from it would be scored unfairly low."""
+    rms = float(np.sqrt(np.mean(np.square(Y, dtype=np.float64)))) if Y.size else 0.0
+    if rms >= _START_RMS or rms == 0.0:
+        return X, Y
+    scale = np.float32(_START_RMS / rms)
+    return X * scale, Y * scale
+
+
+@dataclass(frozen=True)
+class WorkModel:
+    """The search's work in units of one ALS iteration on the validation split's training part, from the
+    data's shape. An iteration costs ~ non-zeros + ROW_WEIGHT x rows (users + tracks: each row's CG solve
+    has a fixed part); an evaluation ~ EVALUATION_WEIGHT x users x tracks scored (the product and the
+    top-k passes over the scores); each training call adds SETUP_ITERATIONS (confidence matrix, transpose).
+    Calibrated at 40 factors and CG 3 on this project's 2-core machine against Last.fm 2K, MovieLens 100K
+    and the synthetic set (iterations 0.013-0.023 s, evaluations 4.5-5.3 ns per score:
+    docs/BENCHMARKS-als.md); other machines differ in seconds, not much in these ratios."""
+
+    shape: tuple[int, int]
+    train_nnz: int
+    all_nnz: int
+    users: int
+
+    def _iteration(self, nnz: int) -> float:
+        return nnz + ROW_WEIGHT * (self.shape[0] + self.shape[1])
+
+    @property
+    def evaluation(self) -> float:
+        """One validation evaluation, in iterations."""
+        return EVALUATION_WEIGHT * min(self.users, self.shape[0]) * self.shape[1] / self._iteration(self.train_nnz)
+
+    def plain_fit(self, iterations: int) -> float:
+        """One plain fit (`iterations` on all plays, one set-up), in iterations on the training part."""
+        full = self._iteration(self.all_nnz) / self._iteration(self.train_nnz)
+        return (max(1, iterations) + SETUP_ITERATIONS) * full
+
+
+class _Search:
+    """The trials so far and how to score one more (warm-started training + validation metrics)."""
+
+    def __init__(self, train: sp.csr_matrix, valid: sp.csr_matrix, base: AlsParams, settings: TuneSettings, users: int):
+        self.train, self.valid, self.base, self.settings, self.users = train, valid, base, settings, users
+        self.trials: list[Trial] = []
+        self.tried: set[tuple[str, float, float, float]] = set()
+        self.iterations_run = 0
+        #: warm-started iterations per candidate: at most half the given parameters' own
+        self.move_iterations = min(settings.move_iterations, max(1, base.iterations // 2))
+
+    def score(
+        self, params: AlsParams, iterations: int, stage: str, start: AlsResult | None = None
+    ) -> tuple[Trial, AlsResult]:
+        """Train `params` (`move_iterations` from `start`'s factors, or `params.iterations` from the seeded
+        start) and score it; the trial is recorded."""
+        run = params if start is None else replace(params, iterations=self.move_iterations)
+        t0 = time.perf_counter()
+        X, Y = (None, None) if start is None else _lifted(start.user_factors, start.item_factors)
+        fit = train_als(self.train, run, user_factors=X, item_factors=Y, compute_loss=False, show_progress=False)
+        m = ranking_metrics(
+            fit.user_factors,
+            fit.item_factors,
+            self.train,
+            self.valid,
+            self.settings.k,
+            self.users,
+            self.base.seed,
+            percentile_ranks=False,
+        )
+        self.iterations_run += run.iterations
+        key = _key(params.confidence, params.alpha, params.reg, params.reg_exp)
+        self.tried.add(key)
+        trial = Trial(*key, stage, iterations, m.ndcg, m.precision, time.perf_counter() - t0)
+        self.trials.append(trial)
+        return trial, fit
+
+    def refine(self, centre: Trial, factors: AlsResult, moves: int) -> Trial:
+        """Pattern search around `centre` (`factors` its fit), at most `moves` trials: each lattice neighbour
+        not tried yet trains from the centre's factors; the first that beats it by REFINE_MIN_GAIN becomes
+        the centre; when none does the step shrinks. Returns the last centre."""
+        for step in self.settings.refine_steps:
+            moved = True
+            while moved:
+                moved = False
+                for fa, fr in REFINE_MOVES:
+                    key = _key(centre.confidence, centre.alpha * step**fa, centre.reg * step**fr, centre.reg_exp)
+                    if key in self.tried:
+                        continue
+                    if moves <= 0:
+                        return centre
+                    moves -= 1
+                    confidence, alpha, reg, reg_exp = key
+                    params = replace(self.base, confidence=confidence, alpha=alpha, reg=reg, reg_exp=reg_exp)  # type: ignore[arg-type]
+                    trial, fit = self.score(params, centre.iterations + self.move_iterations, "refine", factors)
+                    if trial.ndcg > centre.ndcg * (1 + REFINE_MIN_GAIN):
+                        log.info(
+                            "tuning: refinement moved to %s alpha %g reg %g reg_exp %g (validation NDCG %.4f > %.4f)",
+                            *key,
+                            trial.ndcg,
+                            centre.ndcg,
+                        )
+                        centre, factors, moved = trial, fit, True
+                        break
+        return centre

@@ -170,7 +170,7 @@ def main() -> None:
                 name,
                 f"{default.precision:.4f} / {default.ndcg:.4f} / {100 * default.mpr:.2f}%",
                 f"{tuned.precision:.4f} / {tuned.ndcg:.4f} / {100 * tuned.mpr:.2f}%",
-                f"{c.confidence} {c.alpha:g} / {c.reg:g}",
+                f"{c.confidence} {c.alpha:g} / {c.reg:g}" + (f" E {c.reg_exp:g}" if c.reg_exp else ""),
                 f"{tuned_result.seconds:.1f} s = {tuned_result.seconds / plain_s:.1f}x",
                 "-"
                 if best is None

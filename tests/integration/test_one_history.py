@@ -166,7 +166,7 @@ def test_a_second_retrain_counts_no_play_twice(env):
     plays = [(f"listener-{i}", "new-track-1") for i in range(10)]
     plays += [(str(env["file_counts"].user_ids[i]), "new-track-2") for i in range(10)]
     stream(env, plays)
-    version = retrain(env, store, "--tune", "--tune-budget", "2")  # the live model was not tuned: full grid
+    version = retrain(env, store, "--tune")  # the live model was not tuned: the full grid
     assert version != before
     model = store.load()
     tuning = model.manifest["training"]["tuning"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import scipy.sparse as sp
 
 from batch.als import AlsParams, train_als
 from batch.evaluation import holdout_split, ranking_metrics
-from batch.tuning import TuneSettings, TuningError, candidate_grid, plan_iterations, tune
+from batch.tuning import TuneSettings, TuningError, candidate_grid, coarse_to_fine, tune
 from playrec.cli import main
 
 
@@ -37,7 +36,7 @@ def test_the_tuned_choice_beats_a_bad_starting_point_on_plays_it_never_saw() -> 
     plays = planted_plays()
     train, test = holdout_split(plays, 0.2, seed=0)
     bad = AlsParams(factors=8, iterations=6, alpha=2.0, reg=5000.0)
-    result = tune(train, bad, TuneSettings(rungs=(2, 6)), show_progress=False)
+    result = tune(train, bad, TuneSettings(budget=30), show_progress=False)
     assert result.choice.reg < bad.reg
     assert (result.choice.factors, result.choice.iterations, result.choice.seed) == (8, 6, 0)  # kept from base
 
@@ -48,34 +47,83 @@ def test_the_tuned_choice_beats_a_bad_starting_point_on_plays_it_never_saw() -> 
     assert test_ndcg(result.choice) > 1.5 * test_ndcg(bad)
 
 
-def test_successive_halving_keeps_the_best_third_and_chooses_the_best_of_the_last_rung() -> None:
+def test_every_candidate_is_screened_warm_started_and_the_refinement_walks_from_the_best() -> None:
+    from batch.tuning import REFINE_MIN_GAIN, REFINE_MOVES
+
     plays = planted_plays(seed=1)
     base = AlsParams(factors=8, iterations=6)
-    result = tune(plays, base, TuneSettings(rungs=(1, 3, 6), budget=100), show_progress=False)
-    by_rung = [[t for t in result.trials if t.rung == r] for r in range(3)]
-    base_key = (base.confidence, base.alpha, base.reg, base.reg_exp)
-    for lower, upper in itertools.pairwise(by_rung):
-        # the best third goes on, and the given parameters always do
-        best_below = sorted(lower, key=lambda t: (-t.ndcg, -t.precision))[: -(-len(lower) // 3)]
-        assert {t.key() for t in upper} == {t.key() for t in best_below} | {base_key}
-    assert len(by_rung[0]) == result.candidates
-    best = max(by_rung[-1], key=lambda t: (t.ndcg, t.precision))
+    settings = TuneSettings(budget=400)  # (time for all: the walk runs until no neighbour is better)
+    result = tune(plays, base, settings, show_progress=False)
+    stages = [t.stage for t in result.trials]
+    assert stages[0] == "base" and set(stages) == {"base", "screen", "refine"}
+    assert stages == sorted(stages, key=["base", "screen", "refine"].index)  # base, then screens, then moves
+    grid = coarse_to_fine([p for p in candidate_grid(base) if p != base])
+    screened = [t for t in result.trials if t.stage == "screen"]
+    assert [t.key() for t in screened] == [(p.confidence, p.alpha, p.reg, p.reg_exp) for p in grid]
+    assert all(t.iterations == 6 + 3 for t in screened)  # warm-started: half the base's iterations more
+    assert len({t.key() for t in result.trials}) == len(result.trials)  # nothing is tried twice
+
+    # replay the walk: it starts from the best screen (if it beats the base by the margin); each move is the
+    # next untried lattice neighbour of the centre at the current step; one that beats the centre by the
+    # margin becomes the centre; the step shrinks only when every neighbour was tried
+    reference = result.trials[0]
+    centre = max(screened, key=lambda t: (t.ndcg, t.precision))
+    centre = centre if centre.ndcg > reference.ndcg * (1 + REFINE_MIN_GAIN) else reference
+    tried = {t.key() for t in result.trials if t.stage != "refine"}
+    steps = list(settings.refine_steps)
+
+    def neighbours(c, step: float) -> list[tuple]:
+        return [
+            (c.confidence, round(c.alpha * step**fa, 9), round(c.reg * step**fr, 9), c.reg_exp)
+            for fa, fr in REFINE_MOVES
+        ]
+
+    for t in (t for t in result.trials if t.stage == "refine"):
+        while set(neighbours(centre, steps[0])) <= tried:
+            steps.pop(0)
+        assert t.key() == next(n for n in neighbours(centre, steps[0]) if n not in tried)
+        assert t.iterations == centre.iterations + 3
+        tried.add(t.key())
+        if t.ndcg > centre.ndcg * (1 + REFINE_MIN_GAIN):
+            centre = t
     c = result.choice
-    assert (c.confidence, c.alpha, c.reg, c.reg_exp) == best.key()
-    assert [t.iterations for t in by_rung[-1]] == [6] * len(by_rung[-1])
+    assert (c.confidence, c.alpha, c.reg, c.reg_exp) == centre.key()
+    assert set(neighbours(centre, settings.refine_steps[-1])) <= tried  # it stopped at a local best
     record = result.to_dict()
     assert json.loads(json.dumps(record)) == record  # manifest-ready
     assert len(record["trials"]) == len(result.trials)
+    assert record["validation"]["refine_moves"] == stages.count("refine")
 
 
-def test_a_small_budget_thins_the_grid_to_fit() -> None:
+def test_the_budget_plans_the_moves_from_the_data_shape_so_a_rerun_makes_the_same_choice() -> None:
+    from batch.tuning import WorkModel
+
     plays = planted_plays(seed=2)
     base = AlsParams(factors=4, iterations=15)
-    settings = TuneSettings(budget=2.0)
-    result = tune(plays, base, settings, show_progress=False)
-    assert result.candidates < len(candidate_grid(base))
-    assert result.work <= settings.budget
-    assert any(t.key() == (base.confidence, base.alpha, base.reg, base.reg_exp) for t in result.trials)  # base tried
+    small, large = TuneSettings(budget=2.0), TuneSettings(budget=6.0)
+    result = tune(plays, base, small, show_progress=False)
+    grid = coarse_to_fine([p for p in candidate_grid(base) if p != base])
+    screened = [t.key() for t in result.trials if t.stage == "screen"]
+    assert 0 < len(screened) < len(grid)  # a prefix of the coarse-to-fine order: a spread over the families
+    assert screened == [(p.confidence, p.alpha, p.reg, p.reg_exp) for p in grid[: len(screened)]]
+    assert result.work <= small.budget
+    assert len(tune(plays, base, large, show_progress=False).trials) > len(result.trials)
+    again = tune(plays, base, small, show_progress=False)
+    strip = lambda r: [(t.key(), t.stage, t.iterations, t.ndcg) for t in r.trials]  # noqa: E731
+    assert strip(again) == strip(result) and again.choice == result.choice  # not the clock: the same plan
+    # the model: a plain fit on all plays costs more than its iterations on the smaller training part
+    model = WorkModel((1000, 5000), train_nnz=8000, all_nnz=10000, users=1000)
+    assert model.plain_fit(20) > 20 and model.evaluation > 0
+
+
+def test_the_screening_order_spans_every_family_first() -> None:
+    grid = candidate_grid(AlsParams())
+    ordered = coarse_to_fine(grid)
+    assert sorted(map(repr, ordered)) == sorted(map(repr, grid))  # a permutation
+    families = {(p.confidence, p.reg_exp) for p in grid}
+    assert {(p.confidence, p.reg_exp) for p in ordered[: len(families)]} == families
+    log_constant = [(p.alpha, p.reg / p.alpha) for p in ordered if (p.confidence, p.reg_exp) == ("log", 0.0)]
+    assert len({a for a, _ in log_constant[:4]}) >= 2 and len({r for _, r in log_constant[:4]}) >= 2  # a spread
 
 
 def test_a_warm_start_searches_the_previous_choice_and_its_neighbours() -> None:
@@ -87,7 +135,6 @@ def test_a_warm_start_searches_the_previous_choice_and_its_neighbours() -> None:
     assert {p.reg_exp for p in grid} == {0.0}
     scaled = candidate_grid(AlsParams(), around=AlsParams(alpha=1.0, reg=0.3, reg_exp=1.0))
     assert {p.reg_exp for p in scaled if p != AlsParams()} == {1.0} and len(scaled) == 10
-    assert plan_iterations(9, (4, 10, 20), 3) == 9 * 4 + 4 * 6 + 3 * 10  # (the base may go on beside the best)
 
 
 def test_the_validation_metrics_without_percentile_ranks_match_the_full_evaluation() -> None:
@@ -131,7 +178,9 @@ def test_the_full_grid_searches_constant_and_frequency_scaled_reg() -> None:
     grid = candidate_grid(AlsParams())
     scaled = [p for p in grid if p.reg_exp == 1.0]
     assert scaled and {p.confidence for p in scaled} == {"log", "linear"}
-    assert all(p.reg < 5 for p in scaled)  # per play: far below the constant reg
+    constant = [p for p in grid if p.reg_exp == 0.0 and p.confidence == "log"]
+    # per play: far below the constant reg at the same alpha
+    assert max(p.reg / p.alpha for p in scaled if p.confidence == "log") < min(p.reg / p.alpha for p in constant)
     assert len({(p.confidence, p.alpha, p.reg, p.reg_exp) for p in grid}) == len(grid)
 
 
@@ -154,19 +203,6 @@ def test_a_retrain_warm_starts_around_a_tuned_live_model_only() -> None:
     base = AlsParams(factors=8, iterations=4)
     searched = tune(planted_plays(seed=5), base, TuneSettings(budget=20), around=around, show_progress=False)
     assert searched.to_dict()["warm_start"] == {"confidence": "log", "alpha": 1.0, "reg": 0.3, "reg_exp": 1.0}
-    assert {t.reg_exp for t in searched.trials} <= {0.0, 1.0} and searched.candidates <= 10
-
-
-def test_the_plan_is_thinned_to_the_time_left_evaluations_included() -> None:
-    from batch.tuning import _thin_to_time, plan_evaluations
-
-    grid = candidate_grid(AlsParams())
-    base = AlsParams()
-    rungs = (4, 10, 20)
-    assert plan_evaluations(27, rungs, 3) == 27 + 10 + 5
-    # training alone fits 60 s; evaluations of 2 s each do not: the plan is thinned until both fit
-    kept_cheap = _thin_to_time(grid, base, rungs, 3, iteration_s=0.1, evaluation_s=0.0, seconds_left=60)
-    kept = _thin_to_time(grid, base, rungs, 3, iteration_s=0.1, evaluation_s=2.0, seconds_left=60)
-    assert len(kept) < len(kept_cheap) <= len(grid)
-    rest = (plan_iterations(len(kept), rungs, 3) - 4) * 0.1 + (plan_evaluations(len(kept), rungs, 3) - 1) * 2.0
-    assert rest <= 60 and kept[0] == grid[0] and base in kept  # the tried first and the base stay
+    screened = {t.key() for t in searched.trials if t.stage == "screen"}
+    assert screened <= {(p.confidence, p.alpha, p.reg, p.reg_exp) for p in candidate_grid(base, around=around)}
+    assert {t.reg_exp for t in searched.trials} == {0.0, 1.0}  # (the base's constant reg, the rest scaled)
