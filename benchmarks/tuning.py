@@ -69,26 +69,15 @@ EASE_LAMBDAS = (50.0, 200.0, 500.0, 2000.0)
 
 def ease_item_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
     """EASE (Steck 2019), closed form on the binarised plays: B = I - P / diag(P), P = (X^T X + lam I)^-1,
-    zero diagonal; (n_items, n_items) float32. O(n_items^3) (a Cholesky factorisation and inverse, in place):
-    for catalogues up to ~20K tracks."""
-    from scipy.linalg import lapack
-
+    zero diagonal; (n_items, n_items) float32. O(n_items^3) and two n_items^2 float64 arrays: for catalogues
+    up to ~20K tracks."""
     X = (sp.csr_matrix(train) > 0).astype(np.float64)
     gram = (X.T @ X).toarray()
     gram[np.diag_indices_from(gram)] += lam
-    gram = gram if gram.flags.f_contiguous else gram.T  # symmetric: LAPACK works in place on Fortran order
-    chol, info = lapack.dpotrf(gram, lower=False, overwrite_a=True, clean=False)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE: Cholesky failed (info {info})")
+    # numpy's inverse (LU), not LAPACK's Cholesky inverse: scipy's bundled OpenBLAS dpotri segfaulted on
+    # Last.fm's 17.6K x 17.6K Gram matrix twice (kernel log: libscipy_openblas, error 7), killing the run
+    P = np.linalg.inv(gram)
     del gram
-    P, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE: inverse failed (info {info})")
-    n = P.shape[0]
-    for s in range(0, n, 2048):  # dpotri fills the upper triangle: mirror it, a row block at a time
-        P[s : s + 2048, :s] = P[:s, s : s + 2048].T
-        block = P[s : s + 2048, s : s + 2048]
-        block[np.tril_indices_from(block, -1)] = block.T[np.tril_indices_from(block, -1)]
     P /= -np.diag(P).copy()[None, :]
     P[np.diag_indices_from(P)] = 0.0
     return P.astype(np.float32)
