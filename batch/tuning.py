@@ -5,8 +5,9 @@ Every candidate is scored by NDCG@k (P@k breaks ties) on the validation split's 
 training on its training part, *warm-started*: the given parameters are trained fully first, and each
 candidate then trains `move_iterations` iterations from their factors. From a converged neighbour's factors
 a few iterations tell candidates apart far better than the same iterations from a random start
-(docs/BENCHMARKS-als.md: Spearman 0.96-0.97 against fully trained candidates on the synthetic set and a
-Last.fm subsample, 0.84-0.86 for 4 iterations from the seeded start, which successive halving ranks by).
+(benchmarks/tuning_screen.py: Spearman 0.98 and 0.96 against fully trained candidates on the synthetic set
+and a Last.fm subsample, 0.79 and 0.84 for 4 iterations from the seeded start, which successive halving's
+first rung ranks by).
 Two stages:
 
 1. Screening: a coarse grid over the families (confidence form x reg_exp), each candidate warm-started

@@ -82,14 +82,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tune",
         action="store_true",
         help="choose --confidence, --alpha, --reg and --reg-exp (0 or 1) on a validation split of the training plays "
-        "(successive halving; the trials go into the manifest; a retrain searches around a tuned live model's "
-        "choice; docs/BENCHMARKS-als.md)",
+        "(warm-started screening of a coarse grid, then a pattern search; the work is planned from the data's "
+        "shape, so a rerun makes the same choice; the trials go into the manifest; a retrain searches around a "
+        "tuned live model's choice; docs/BENCHMARKS-als.md)",
     )
     parser.add_argument(
         "--tune-budget",
         type=float,
         default=5.0,
-        help="--tune: the most work the search may take, in plain fits (default 5)",
+        help="--tune: the most work the search may take, in plain fits, evaluations included (default 5)",
     )
     parser.add_argument("--keep", type=_positive_int, default=5, help="model versions to keep (default 5)")
     parser.add_argument(
