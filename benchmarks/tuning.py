@@ -13,6 +13,7 @@ known rank-16 factors, 3,000 users x 4,000 tracks (`_common.factor_synthetic`, s
 
     .venv/bin/python benchmarks/tuning.py                    # all six
     .venv/bin/python benchmarks/tuning.py --datasets lastfm --no-grid
+    .venv/bin/python benchmarks/tuning.py --no-grid --png docs/img/tuning_search.png   # the search, plotted
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from batch.als import AlsParams, train_als
 from batch.evaluation import Metrics, holdout_split, ranking_metrics
 from batch.plays import PlayCounts, read_play_counts
 from batch.training import tune_on_training_part
-from batch.tuning import TuneSettings, candidate_grid
+from batch.tuning import REFINE_MIN_GAIN, TuneResult, TuneSettings, candidate_grid
 
 DATASETS = ("lastfm", "ml100k", "lastfm-x10", "lastfm-binary", "lastfm-users30", "synthetic")
 
@@ -116,12 +117,66 @@ def ease_metrics(
     return ranking_metrics((train > 0).astype(np.float32).toarray(), B.T, train, test, 10), best_lam
 
 
+def plot_searches(searches: dict[str, TuneResult], path: Path) -> None:
+    """One panel per data set: every trial at (alpha, reg / alpha) coloured by its validation NDCG@10, one
+    marker per family (confidence form x reg_exp), the refinement's walk as a line, the choice circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {("log", 0.0): "o", ("log", 1.0): "s", ("linear", 0.0): "^", ("linear", 1.0): "v"}
+    fig, axes = plt.subplots(1, len(searches), figsize=(4.2 * len(searches), 4.0), squeeze=False)
+    for ax, (name, result) in zip(axes[0], searches.items(), strict=True):
+        trials = result.trials
+        lo, hi = min(t.ndcg for t in trials), max(t.ndcg for t in trials)
+        for (confidence, reg_exp), marker in markers.items():
+            ts = [t for t in trials if (t.confidence, t.reg_exp) == (confidence, reg_exp)]
+            if ts:
+                points = ax.scatter(
+                    [t.alpha for t in ts],
+                    [t.reg / t.alpha for t in ts],
+                    c=[t.ndcg for t in ts],
+                    vmin=lo,
+                    vmax=hi,
+                    cmap="viridis",
+                    marker=marker,
+                    edgecolors=["red" if t.stage == "refine" else "black" for t in ts],
+                    label=f"{confidence} E{reg_exp:g}",
+                )
+        # the walk: from the best screen (when it beats the given parameters by the margin), each move that
+        # beat its centre by the margin (batch.tuning's rule)
+        base_trial = trials[0]
+        best = max((t for t in trials if t.stage == "screen"), key=lambda t: t.ndcg, default=base_trial)
+        walk = [best if best.ndcg > base_trial.ndcg * (1 + REFINE_MIN_GAIN) else base_trial]
+        for t in trials:
+            if t.stage == "refine" and t.ndcg > walk[-1].ndcg * (1 + REFINE_MIN_GAIN):
+                walk.append(t)
+        ax.plot([t.alpha for t in walk], [t.reg / t.alpha for t in walk], color="red", lw=1.0)
+        c = result.choice
+        ax.scatter([c.alpha], [c.reg / c.alpha], s=220, facecolors="none", edgecolors="red", lw=1.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("reg / alpha")
+        ax.set_title(f"{name}: {c.confidence} {c.alpha:g} / {c.reg:g} E{c.reg_exp:g}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.colorbar(points, ax=ax, label="validation NDCG@10")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("playrec --tune: screened (black edge) and refinement (red edge, walk in red); circled: choice")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--no-grid", action="store_true", help="skip the full grid (the ceiling)")
     parser.add_argument("--ease", action="store_true", help="add EASE (lambda by validation; <= 20K tracks)")
+    parser.add_argument("--png", type=Path, help="plot each data set's search (its trials and walk) into this PNG")
     args = parser.parse_args()
+    searches: dict[str, TuneResult] = {}
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs; load {os.getloadavg()}")
     rows = []
     for name in args.datasets.split(","):
@@ -141,6 +196,7 @@ def main() -> None:
         plain_s = float(np.median(plain))
         default = test_metrics(base)
         tuned_result = tune_on_training_part(counts, base, TuneSettings(), 0.2, show_progress=False)
+        searches[name] = tuned_result
         tuned = test_metrics(tuned_result.choice)
         best, best_params = None, None
         if not args.no_grid:
@@ -188,6 +244,9 @@ def main() -> None:
             rows,
         )
     )
+    if args.png:
+        plot_searches(searches, args.png)
+        print(f"plot: {args.png}")
 
 
 if __name__ == "__main__":
