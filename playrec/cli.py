@@ -123,8 +123,8 @@ def describe_tuning(t) -> str:
     """One line for a TuneResult."""
     c = t.choice
     return (
-        f"tuned in {t.seconds:.1f} s ({len(t.trials)} trials of {t.candidates} candidates, "
-        f"{t.work:.2f} plain fits): {c.confidence} confidence, alpha {c.alpha:g}, reg {c.reg:g}, reg-exp {c.reg_exp:g}"
+        f"tuned in {t.seconds:.1f} s ({len(t.trials)} candidates, {t.work:.2f} plain fits of work): "
+        f"{c.confidence} confidence, alpha {c.alpha:g}, reg {c.reg:g}, reg-exp {c.reg_exp:g}"
     )
 
 
