@@ -43,8 +43,8 @@ from batch.evaluation import holdout_split, ranking_metrics
 
 log = logging.getLogger(__name__)
 
-#: The grid is coarse (x4 in alpha): the budget affords ~6-20 warm-started screens, and the refinement
-#: walks from the best of them at x2 and x1.41 steps.
+#: The grid is coarse (x4 in alpha): the default budget affords ~6-12 warm-started screens (Last.fm 2K to
+#: MovieLens 100K), and the refinement walks from the best of them at x2 and x1.41 steps.
 #: log confidence: alpha x (reg / alpha). The best reg grows with alpha (docs/BENCHMARKS-als.md: Last.fm
 #: near 20-25 x alpha, MovieLens 100K near 5-10 x alpha), so reg is searched relative to alpha.
 LOG_ALPHAS = (0.5, 2.0, 8.0)
@@ -62,7 +62,7 @@ SCALED_LINEAR_REGS = (0.03,)
 
 
 #: validation users scored per candidate: as many as fit EVALUATION_SCORES user x track scores (an
-#: evaluation of 2,000 users x 17.6K tracks costs as much as ~6 training iterations on Last.fm 2K), at least
+#: evaluation of 1,134 users x 17.6K tracks costs as much as ~4 training iterations on Last.fm 2K), at least
 #: MIN_USERS, at most TuneSettings.max_users
 MIN_USERS = 1_000
 EVALUATION_SCORES = 20_000_000
@@ -84,7 +84,8 @@ class TuningError(ValueError):
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """How the search runs. budget: the most wall time it may take, in plain fits."""
+    """How the search runs. budget: the most work it may take, in plain fits (WorkModel), evaluations
+    included."""
 
     budget: float = 5.0
     validation: float = 0.2
@@ -93,7 +94,7 @@ class TuneSettings:
     max_users: int = 2_000
     #: warm-started iterations per candidate
     move_iterations: int = 4
-    #: share of the time left after the given parameters' fit kept for the refinement (0: screening only)
+    #: share of the moves (warm-started candidates) kept for the refinement (0: screening only)
     refine: float = 0.4
     #: lattice steps of the refinement (alpha and reg factors), coarse to fine
     refine_steps: tuple[float, ...] = (2.0, 2.0**0.5)
@@ -133,8 +134,8 @@ class Trial:
 
 @dataclass
 class TuneResult:
-    """The choice and every trial; `work` is the search's training in plain fits (iterations run x their
-    share of the non-zeros), `seconds` its wall time, evaluations included."""
+    """The choice and every trial (`candidates` of them); `work` is the search's work in plain fits
+    (WorkModel: training and evaluations), `seconds` its wall time."""
 
     choice: AlsParams
     trials: list[Trial]
