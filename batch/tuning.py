@@ -204,7 +204,7 @@ def _key(confidence: str, alpha: float, reg: float, reg_exp: float) -> tuple[str
 
 def coarse_to_fine(candidates: list[AlsParams], keep: AlsParams | None = None) -> list[AlsParams]:
     """`candidates` reordered so that every prefix spans the grid: the coarsest `thin` level first (one or
-    two per family), then the points each finer level adds. A screening cut short by its time keeps a
+    two per family), then the points each finer level adds. A screening cut short by its budget keeps a
     spread, not the first families."""
     levels = [candidates]
     while len(levels[-1]) > 1 and len(coarser := thin(levels[-1], keep)) < len(levels[-1]):
@@ -255,10 +255,8 @@ def tune(
 
     # the work is planned from the data's shape, not the clock, so the same plays give the same choice
     cost = WorkModel(plays.shape, train.nnz, plays.nnz, users)
-    move_units = search.move_iterations + SETUP_ITERATIONS + cost.evaluation
-    base_units = base.iterations + SETUP_ITERATIONS + cost.evaluation
-    left = settings.budget * cost.plain_fit(base.iterations) - base_units
-    moves = max(0, int(left // move_units))
+    left = settings.budget * cost.plain_fit(base.iterations) - cost.trial(base.iterations)
+    moves = max(0, int(left // cost.trial(search.move_iterations)))
     keep = None if around is None else replace(base, **_point(around))  # (a warm start keeps its centre)
     grid = [c for c in candidate_grid(base, around) if _key(c.confidence, c.alpha, c.reg, c.reg_exp) != base_key]
     screens = round((1 - settings.refine) * moves)
@@ -287,9 +285,7 @@ def tune(
     best = search.refine(best, best_factors, moves - len(grid))
     choice = replace(base, confidence=best.confidence, alpha=best.alpha, reg=best.reg, reg_exp=best.reg_exp)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    work = (search.iterations_run + (SETUP_ITERATIONS + cost.evaluation) * len(search.trials)) / cost.plain_fit(
-        base.iterations
-    )
+    work = sum(cost.trial(run) for run in search.runs) / cost.plain_fit(base.iterations)
     log.info(
         "tuned in %.1f s (%.1f plain fits of work, %d candidates): %s alpha %g reg %g reg_exp %g, "
         "validation NDCG@%d %.4f (given parameters %.4f)",
@@ -362,6 +358,10 @@ class WorkModel:
         """One validation evaluation, in iterations."""
         return EVALUATION_WEIGHT * min(self.users, self.shape[0]) * self.shape[1] / self._iteration(self.train_nnz)
 
+    def trial(self, iterations: int) -> float:
+        """One trial: a training call of `iterations` and its evaluation, in iterations."""
+        return iterations + SETUP_ITERATIONS + self.evaluation
+
     def plain_fit(self, iterations: int) -> float:
         """One plain fit (`iterations` on all plays, one set-up), in iterations on the training part."""
         full = self._iteration(self.all_nnz) / self._iteration(self.train_nnz)
@@ -374,10 +374,13 @@ class _Search:
     def __init__(self, train: sp.csr_matrix, valid: sp.csr_matrix, base: AlsParams, settings: TuneSettings, users: int):
         self.train, self.valid, self.base, self.settings, self.users = train, valid, base, settings, users
         self.trials: list[Trial] = []
-        self.tried: set[tuple[str, float, float, float]] = set()
-        self.iterations_run = 0
+        self.runs: list[int] = []  # the iterations each trial trained
         #: warm-started iterations per candidate: at most half the given parameters' own
         self.move_iterations = min(settings.move_iterations, max(1, base.iterations // 2))
+
+    @property
+    def tried(self) -> set[tuple[str, float, float, float]]:
+        return {t.key() for t in self.trials}
 
     def score(
         self, params: AlsParams, iterations: int, stage: str, start: AlsResult | None = None
@@ -398,9 +401,8 @@ class _Search:
             self.base.seed,
             percentile_ranks=False,
         )
-        self.iterations_run += run.iterations
+        self.runs.append(run.iterations)
         key = _key(params.confidence, params.alpha, params.reg, params.reg_exp)
-        self.tried.add(key)
         trial = Trial(*key, stage, iterations, m.ndcg, m.precision, time.perf_counter() - t0)
         self.trials.append(trial)
         return trial, fit
