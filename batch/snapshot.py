@@ -26,6 +26,10 @@ class SnapshotError(RuntimeError):
     """The snapshot cannot be taken (no such topic, broker unreachable, damaged records)."""
 
 
+class EmptySnapshotError(SnapshotError):
+    """The changelog holds no streams yet (nothing to train on)."""
+
+
 @dataclass
 class Snapshot:
     """Counts read from the stream; `watermark` maps partition -> end offset read up to (exclusive)."""
@@ -126,5 +130,5 @@ def _counts(states: dict) -> PlayCounts:
         for track, count in state.counts.items():
             builder.add(user, track, float(count))
     if not builder.rows:
-        raise SnapshotError("the stream holds no streams yet: nothing to train on")
+        raise EmptySnapshotError("the stream holds no streams yet: nothing to train on")
     return builder.build()

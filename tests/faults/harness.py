@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from batch.als import AlsParams
 from batch.model_store import ModelStore
 from batch.plays import MIN_MS_PLAYED
-from batch.snapshot import snapshot_counts
+from batch.snapshot import EmptySnapshotError, snapshot_counts
 from batch.training import train_and_publish
 from stream.events import encode_play
 
@@ -231,8 +231,12 @@ def wait_for_exact_counts(
 
 
 def changelog_counts(bootstrap: str, app_id: str) -> dict[str, dict[str, int]]:
-    """Every user's counts as a model retrain would read them (the user-state changelog)."""
-    snapshot = snapshot_counts(bootstrap, app_id, timeout_s=120)
+    """Every user's counts as a model retrain would read them (the user-state changelog); none while the
+    changelog holds no row yet (a fresh broker, before the first background fold-in writes one)."""
+    try:
+        snapshot = snapshot_counts(bootstrap, app_id, timeout_s=120)
+    except EmptySnapshotError:
+        return {}
     counts = snapshot.counts
     out: dict[str, dict[str, int]] = {}
     matrix = counts.matrix.tocsr()
